@@ -1,0 +1,61 @@
+"""The gateway's aiohttp application: WebSocket on any path, health, readiness and metrics
+on one port (the SDK derives its long-polling and REST URLs from the WebSocket endpoint)."""
+
+from __future__ import annotations
+
+import orjson
+from aiohttp import hdrs, web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway.metrics import METRICS
+from gateway.services import GatewayServices
+from gateway.websocket import serve_websocket
+from shared.errors import ErrorCode, http_status_for
+
+__all__ = ["SERVICES", "create_app", "error_response"]
+
+SERVICES = web.AppKey("services", GatewayServices)
+
+
+def error_response(code: ErrorCode, message: str) -> web.Response:
+    """An HTTP error in the protocol's REST shape (PROTOCOL.md 6.6)."""
+    status = http_status_for(code)
+    body = {"error": {"message": message, "code": int(code), "statusCode": status}}
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process serves HTTP."""
+    return web.Response(text="ok\n")
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: 200 only while NATS is connected and the streams and buckets exist."""
+    if request.app[SERVICES].broker.is_ready:
+        return web.Response(text="ready\n")
+    return web.Response(status=503, text="NATS not ready\n")
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus exposition."""
+    services = request.app[SERVICES]
+    METRICS.channels.set(len(services.router))
+    return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def root(request: web.Request) -> web.StreamResponse:
+    """WebSocket upgrades on any path (PROTOCOL.md section 9, item 1); 404 otherwise."""
+    if request.headers.get(hdrs.UPGRADE, "").lower() == "websocket":
+        return await serve_websocket(request, request.app[SERVICES])
+    return error_response(ErrorCode.NOT_FOUND, f"no route {request.method} {request.path}")
+
+
+def create_app(services: GatewayServices) -> web.Application:
+    """Build the application around ``services``."""
+    app = web.Application()
+    app[SERVICES] = services
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_route("*", "/{tail:.*}", root)
+    return app

@@ -1,0 +1,291 @@
+"""The gateway's NATS side: connection, stream bootstrap and serial-assigning publish.
+
+Serials: each channel has its own subject in one stream. A publish carries
+``Nats-Expected-Last-Subject-Sequence`` (the stream sequence of the channel's last message) and
+the next serial in the ``Rt-Serial`` header, so JetStream stores it only if no other publisher
+got in first; on conflict (error 10071) we re-read the channel's last message and retry.
+Serials are therefore contiguous per channel across any number of gateways, and survive
+restarts (they live in the stream). Within one gateway, publishes to one channel are queued
+behind a per-channel lock so they do not conflict with each other, and they keep arrival order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import nats
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+from nats.js.api import (
+    DiscardPolicy,
+    KeyValueConfig,
+    RePublish,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import APIError, BadRequestError, NotFoundError
+
+from shared import subjects
+from shared.binary_codec import encode_member
+from shared.errors import ErrorCode, ProtocolError
+from shared.frames import Message
+from shared.settings import Settings
+from shared.subjects import SERIAL_HEADER
+
+__all__ = ["SERIAL_HEADER", "Broker", "dedup_id"]
+
+log = logging.getLogger(__name__)
+
+_WRONG_LAST_SEQUENCE = 10071
+_STREAM_NAME_IN_USE = 10058
+_MAX_PUBLISH_ATTEMPTS = 50
+_CACHED_CHANNELS = 100_000
+
+
+def dedup_id(app: str, channel: str, client_id: str, message_id: str) -> str:
+    """The ``Nats-Msg-Id`` of a publish: one client cannot suppress another's message by
+    reusing its id, and apps never collide (PROTOCOL.md section 9, item 9)."""
+    return f"{app}\x1f{channel}\x1f{client_id}\x1f{message_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class _ChannelTail:
+    stream_sequence: int
+    serial: int
+    dedup_id: str = ""
+
+
+class _KeyedLocks:
+    """One FIFO lock per key, dropped when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        entry = self._locks.get(key)
+        if entry is None:
+            entry = self._locks[key] = (asyncio.Lock(), [0])
+        lock, users = entry
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._locks[key]
+
+
+class Broker:
+    """Owns the NATS connection of one gateway; ``ready`` is set once streams exist."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.nc: NatsClient | None = None
+        self.js: JetStreamContext | None = None
+        self.ready = asyncio.Event()
+        self._tails: OrderedDict[str, _ChannelTail] = OrderedDict()
+        self._locks = _KeyedLocks()
+        self._task: asyncio.Task[None] | None = None
+
+    # ---- lifecycle ----
+
+    def start(self) -> None:
+        """Connect and bootstrap in the background, retrying until NATS is reachable."""
+        self._task = asyncio.create_task(self._connect_forever(), name="nats-connect")
+
+    async def _connect_forever(self) -> None:
+        delay = 0.2
+        while True:
+            try:
+                await self._connect_once()
+                return
+            except Exception as error:
+                log.warning(
+                    "NATS not ready (%s: %s); retrying in %.1fs", type(error).__name__, error, delay
+                )
+                if self.nc is not None:
+                    with contextlib.suppress(Exception):
+                        await self.nc.close()
+                    self.nc = None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _connect_once(self) -> None:
+        async def on_error(error: Exception) -> None:
+            log.warning("NATS error: %s", error)
+
+        async def on_disconnected() -> None:
+            log.warning("NATS disconnected")
+
+        async def on_reconnected() -> None:
+            log.info("NATS reconnected")
+
+        self.nc = await nats.connect(
+            servers=self.settings.nats_url.split(","),
+            name="realtime-gateway",
+            connect_timeout=2,
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            error_cb=on_error,
+            disconnected_cb=on_disconnected,
+            reconnected_cb=on_reconnected,
+        )
+        self.js = self.nc.jetstream(timeout=self.settings.request_timeout_s)
+        await bootstrap(self.js, self.settings)
+        self.ready.set()
+        log.info("NATS connected and streams ready (%s)", self.settings.nats_url)
+
+    async def close(self) -> None:
+        """Stop connecting and drain the NATS connection."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self.nc is not None and not self.nc.is_closed:
+            with contextlib.suppress(Exception):
+                await self.nc.drain()
+
+    @property
+    def is_ready(self) -> bool:
+        """True while connected with the streams in place."""
+        return self.ready.is_set() and self.nc is not None and self.nc.is_connected
+
+    def client(self) -> NatsClient:
+        """The connected NATS client, or ``ProtocolError`` 50001 when not ready."""
+        if self.nc is None or not self.is_ready:
+            raise ProtocolError(ErrorCode.BOOTSTRAP, "message backend not ready, retry later")
+        return self.nc
+
+    # ---- publishing ----
+
+    async def publish(self, app: str, message: Message) -> int:
+        """Store ``message`` (or fan it out, if ephemeral); return its serial (0 if none).
+
+        A resend of an already stored ``message_id`` returns the original serial.
+        """
+        nc = self.client()
+        payload = encode_member(message)
+        if message.ephemeral:
+            await nc.publish(subjects.live_subject(app, message.channel), payload)
+            return 0
+        subject = subjects.stored_subject(app, message.channel)
+        message_dedup_id = dedup_id(app, message.channel, message.client_id, message.message_id)
+        async with self._locks.hold(subject):
+            return await self._store(subject, payload, message_dedup_id)
+
+    async def _store(self, subject: str, payload: bytes, message_dedup_id: str) -> int:
+        assert self.js is not None
+        timeout = self.settings.request_timeout_s
+        for _ in range(_MAX_PUBLISH_ATTEMPTS):
+            tail = self._tails.get(subject) or await self._load_tail(subject)
+            serial = tail.serial + 1
+            headers = {
+                "Nats-Msg-Id": message_dedup_id,
+                "Nats-Expected-Last-Subject-Sequence": str(tail.stream_sequence),
+                SERIAL_HEADER: str(serial),
+            }
+            try:
+                ack = await self.js.publish(subject, payload, timeout=timeout, headers=headers)
+            except APIError as error:
+                if error.err_code != _WRONG_LAST_SEQUENCE:
+                    raise
+                # Another publisher stored first, or our earlier attempt did and its ack was
+                # lost (the sequence check runs before dedup): look at the channel's tail.
+                self._tails.pop(subject, None)
+                fresh = await self._load_tail(subject)
+                if fresh.dedup_id == message_dedup_id:
+                    return fresh.serial
+                continue
+            if ack.duplicate:
+                return await self._serial_at(ack.seq)
+            self._remember(subject, _ChannelTail(ack.seq, serial))
+            return serial
+        raise ProtocolError(ErrorCode.SERVER, "channel too contended, publish not stored")
+
+    async def _load_tail(self, subject: str) -> _ChannelTail:
+        assert self.js is not None
+        try:
+            last = await self.js.get_last_msg(self.settings.stream_name, subject, direct=True)
+        except NotFoundError:
+            tail = _ChannelTail(0, 0)
+        else:
+            headers = last.headers or {}
+            tail = _ChannelTail(
+                int(last.seq or 0),
+                int(headers.get(SERIAL_HEADER, 0)),
+                headers.get("Nats-Msg-Id", ""),
+            )
+        self._remember(subject, tail)
+        return tail
+
+    async def _serial_at(self, stream_sequence: int) -> int:
+        assert self.js is not None
+        stored = await self.js.get_msg(self.settings.stream_name, stream_sequence, direct=True)
+        return int((stored.headers or {}).get(SERIAL_HEADER, 0))
+
+    def _remember(self, subject: str, tail: _ChannelTail) -> None:
+        self._tails[subject] = tail
+        self._tails.move_to_end(subject)
+        if len(self._tails) > _CACHED_CHANNELS:
+            self._tails.popitem(last=False)
+
+
+async def bootstrap(js: JetStreamContext, settings: Settings) -> None:
+    """Create or update the message stream and the presence bucket.
+
+    Idempotent, and safe when several gateways start at once: a create that loses the race
+    (or finds an older config) falls back to an update.
+    """
+    source, live = subjects.stream_subjects()
+    stream = StreamConfig(
+        name=settings.stream_name,
+        subjects=[source],
+        republish=RePublish(src=source, dest=live),
+        allow_direct=True,
+        storage=StorageType.FILE,
+        num_replicas=settings.stream_replicas,
+        discard=DiscardPolicy.OLD,
+        duplicate_window=settings.duplicate_window_s,
+        max_age=settings.retention_max_age_s,
+        max_msgs_per_subject=settings.retention_max_messages_per_channel,
+        max_bytes=settings.retention_max_bytes,
+        max_msg_size=-1,
+    )
+    await _create_or_update(js, stream)
+    presence = KeyValueConfig(
+        bucket=settings.presence_bucket,
+        history=1,
+        direct=True,
+        replicas=settings.stream_replicas,
+        storage=StorageType.FILE,
+    )
+    try:
+        await js.create_key_value(presence)
+    except BadRequestError as error:
+        # Created by another gateway with a config of an older release: keep theirs.
+        if error.err_code != _STREAM_NAME_IN_USE:
+            raise
+
+
+async def _create_or_update(js: JetStreamContext, config: StreamConfig) -> None:
+    for _ in range(5):
+        try:
+            await js.add_stream(config)
+            return
+        except BadRequestError as error:
+            if error.err_code != _STREAM_NAME_IN_USE:
+                raise
+        try:
+            await js.update_stream(config)
+            return
+        except NotFoundError:
+            continue  # deleted in between: create again
+    raise RuntimeError(f"could not create or update stream {config.name}")

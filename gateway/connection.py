@@ -1,0 +1,321 @@
+"""One client connection, independent of its transport.
+
+The transport (WebSocket now, long-polling later) feeds whole client messages to
+``Connection.receive`` and writes what ``Connection.outbox`` yields; this class runs the
+session's commands against NATS: publishing, fan-out subscriptions, history and resume.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+from nats.errors import Error as NatsError
+
+from gateway.fanout import Delivery
+from gateway.metrics import METRICS
+from gateway.outbox import Outbox
+from gateway.services import GatewayServices
+from shared.errors import ErrorCode, ProtocolError
+from shared.frames import (
+    AckFrame,
+    AuthFrame,
+    ErrorFrame,
+    FetchFrame,
+    FetchResponseFrame,
+    HistoryFrame,
+    HistoryResponseFrame,
+    MessageFrame,
+    PresenceFrame,
+    PresenceSubscribeFrame,
+    PresenceUnsubscribeFrame,
+    ServerFrame,
+    SubscribeFrame,
+    UnsubscribeFrame,
+)
+from shared.history import HistoryOp, HistoryQuery
+from shared.session import (
+    Authenticate,
+    Close,
+    Codec,
+    Command,
+    Publish,
+    Reply,
+    Request,
+    Session,
+    SessionState,
+)
+
+__all__ = ["CLOSE_GOING_AWAY", "CLOSE_NORMAL", "CLOSE_TRY_AGAIN_LATER", "Connection"]
+
+log = logging.getLogger(__name__)
+
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_TRY_AGAIN_LATER = 1013
+
+_MAX_IN_FLIGHT = 256
+_MAX_REPLAY_BUFFER = 10_000
+_DEFAULT_HISTORY_LIMIT = 100
+_MAX_HISTORY_LIMIT = 1000
+_MAX_FETCH = 1000
+
+
+class _ReplayGate:
+    """Holds a channel's live deliveries while its resume replay is read."""
+
+    __slots__ = ("buffer", "overflowed")
+
+    def __init__(self) -> None:
+        self.buffer: list[Delivery] = []
+        self.overflowed = False
+
+
+class Connection:
+    """A client connection: session state, outbox and the work it started."""
+
+    def __init__(self, services: GatewayServices, transport: str) -> None:
+        self.services = services
+        self.transport = transport
+        self.session = Session(services.keyring, services.limits)
+        self.outbox = Outbox(services.settings.outbox_max_bytes, coalesce=True)
+        self.close_code = CLOSE_NORMAL
+        self.close_reason = ""
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._in_flight = asyncio.Semaphore(_MAX_IN_FLIGHT)
+        self._replay_gates: dict[str, _ReplayGate] = {}
+        self._expiry: asyncio.TimerHandle | None = None
+        self._finished = False
+        METRICS.connections.labels(transport).inc()
+
+    # ---- input ----
+
+    @property
+    def is_closing(self) -> bool:
+        """True once the connection was asked to close."""
+        return self.outbox.closed
+
+    @property
+    def is_connected(self) -> bool:
+        """True after a successful handshake, until close."""
+        return self.session.state is SessionState.CONNECTED
+
+    async def receive(self, data: bytes, is_text: bool) -> None:
+        """Handle one client message (a WebSocket message or a long-poll body)."""
+        commands = self.session.receive_message(data, is_text)
+        self.outbox.coalesce = self.session.codec is Codec.BINARY
+        for command in commands:
+            await self._execute(command)
+
+    async def _execute(self, command: Command) -> None:
+        if isinstance(command, Reply):
+            self.send(command.frame)
+        elif isinstance(command, Publish):
+            # Waiting here (not in the task) pushes back on a client that floods publishes,
+            # and keeps per-channel order: tasks reach the broker's channel lock in order.
+            await self._in_flight.acquire()
+            self._spawn(self._publish(command))
+        elif isinstance(command, Request):
+            await self._request(command)
+        elif isinstance(command, Authenticate):
+            await self._authenticate(command.frame)
+        elif isinstance(command, Close):
+            self.close(command.code, command.reason)
+
+    # ---- output ----
+
+    def send(self, frame: ServerFrame) -> None:
+        """Queue a reply frame."""
+        if isinstance(frame, ErrorFrame):
+            METRICS.errors.labels(str(frame.code)).inc()
+        self.outbox.put(self.session.encode(frame))
+
+    def deliver(self, delivery: Delivery) -> None:
+        """Queue a live message (called by the router for every subscriber)."""
+        gates = self._replay_gates
+        if gates:
+            gate = gates.get(delivery.message.channel)
+            if gate is not None:
+                if len(gate.buffer) < _MAX_REPLAY_BUFFER:
+                    gate.buffer.append(delivery)
+                else:
+                    gate.overflowed = True
+                return
+        data = delivery.json if self.session.codec is Codec.JSON else delivery.binary
+        if not self.outbox.offer(data):
+            METRICS.dropped.inc()
+
+    def close(self, code: int, reason: str) -> None:
+        """Close after what is queued has been written."""
+        if not self.outbox.closed:
+            self.close_code, self.close_reason = code, reason
+            self.session.close()
+            self.outbox.close()
+
+    # ---- handshake ----
+
+    async def _authenticate(self, frame: AuthFrame) -> None:
+        services = self.services
+        session = self.session
+        try:
+            if not services.broker.is_ready:
+                raise ProtocolError(ErrorCode.BOOTSTRAP, "message backend not ready, retry later")
+            identity = session.authenticate(frame, assign_client_id=secrets.token_urlsafe(9))
+        except ProtocolError as error:
+            for command in session.reject(error):
+                await self._execute(command)
+            return
+        connection_id, predecessor = services.registry.claim(frame.resume_connection_id, identity)
+        if predecessor is not None:
+            predecessor.close(CLOSE_NORMAL, "resumed by a new connection")
+        services.registry.add(connection_id, self)
+        self.send(session.accept(connection_id))
+        if identity.expires_at is not None:
+            delay = max(0.0, identity.expires_at - time.time())
+            self._expiry = asyncio.get_running_loop().call_later(delay, self._token_expired)
+
+    def _token_expired(self) -> None:
+        self.send(ErrorFrame(int(ErrorCode.AUTH_EXPIRED), "token expired"))
+        self.close(CLOSE_NORMAL, "token expired")
+
+    # ---- requests ----
+
+    async def _publish(self, command: Publish) -> None:
+        identity = self.session.identity
+        assert identity is not None
+        try:
+            serial = await self.services.broker.publish(identity.app, command.message)
+        except ProtocolError as error:
+            self.send(ErrorFrame(int(error.code), error.message, command.request_id))
+        except (TimeoutError, NatsError) as error:
+            log.warning("publish failed: %s", error)
+            self.send(
+                ErrorFrame(int(ErrorCode.SERVER), "publish failed, retry", command.request_id)
+            )
+        else:
+            METRICS.publishes.labels("ephemeral" if command.message.ephemeral else "stored").inc()
+            self.send(AckFrame(command.request_id, serial))
+        finally:
+            self._in_flight.release()
+
+    async def _request(self, command: Request) -> None:
+        frame = command.frame
+        try:
+            if isinstance(frame, SubscribeFrame):
+                await self._subscribe(frame)
+            elif isinstance(frame, UnsubscribeFrame):
+                await self._unsubscribe(frame)
+            elif isinstance(frame, HistoryFrame | FetchFrame):
+                await self._in_flight.acquire()
+                self._spawn(self._history(frame))
+            elif isinstance(
+                frame, PresenceFrame | PresenceSubscribeFrame | PresenceUnsubscribeFrame
+            ):
+                raise ProtocolError(ErrorCode.SERVER, "presence is not available yet", frame.id)
+        except ProtocolError as error:
+            self.send(ErrorFrame(int(error.code), error.message, frame.id))
+        except (TimeoutError, NatsError) as error:
+            log.warning("%s failed: %s", type(frame).__name__, error)
+            self.send(ErrorFrame(int(ErrorCode.SERVER), "backend error, retry", frame.id))
+
+    async def _subscribe(self, frame: SubscribeFrame) -> None:
+        identity = self.session.identity
+        assert identity is not None
+        channel = frame.channel
+        if not (frame.last_serial or frame.last_message_id):
+            await self.services.router.add(identity.app, channel, self)
+            self.send(AckFrame(frame.id))
+            return
+        # Resume: hold live deliveries while the replay is read, so the client sees the
+        # replay, then live messages after it, in serial order with no gap.
+        gate = self._replay_gates[channel] = _ReplayGate()
+        try:
+            await self.services.router.add(identity.app, channel, self)
+            result = await self.services.history.query(
+                HistoryQuery(
+                    HistoryOp.RESUME,
+                    identity.app,
+                    channel,
+                    limit=_MAX_FETCH,
+                    from_serial=frame.last_serial,
+                )
+            )
+        except BaseException:
+            self._replay_gates.pop(channel, None)
+            raise
+        last_sent = frame.last_serial
+        for message in result.messages:
+            self.send(MessageFrame(message))
+            last_sent = message.serial
+        del self._replay_gates[channel]
+        for delivery in gate.buffer:
+            serial = delivery.message.serial
+            if serial == 0 or serial > last_sent:
+                self.deliver(delivery)
+        self.send(AckFrame(frame.id, resumed=result.flag))
+
+    async def _unsubscribe(self, frame: UnsubscribeFrame) -> None:
+        identity = self.session.identity
+        assert identity is not None
+        await self.services.router.remove(identity.app, frame.channel, self)
+        self.send(AckFrame(frame.id))
+
+    async def _history(self, frame: HistoryFrame | FetchFrame) -> None:
+        identity = self.session.identity
+        assert identity is not None
+        try:
+            if isinstance(frame, HistoryFrame):
+                limit = min(frame.limit or _DEFAULT_HISTORY_LIMIT, _MAX_HISTORY_LIMIT)
+                query = HistoryQuery(
+                    HistoryOp.HISTORY, identity.app, frame.channel, limit, frame.before
+                )
+                result = await self.services.history.query(query)
+                self.send(
+                    HistoryResponseFrame(frame.id, frame.channel, result.messages, result.flag)
+                )
+            else:
+                query = HistoryQuery(
+                    HistoryOp.FETCH,
+                    identity.app,
+                    frame.channel,
+                    _MAX_FETCH,
+                    from_serial=frame.from_serial,
+                )
+                result = await self.services.history.query(query)
+                self.send(FetchResponseFrame(frame.id, frame.channel, result.messages, result.flag))
+        except ProtocolError as error:
+            self.send(ErrorFrame(int(error.code), error.message, frame.id))
+        except (TimeoutError, NatsError):
+            self.send(ErrorFrame(int(ErrorCode.SERVER), "history unavailable, retry", frame.id))
+        finally:
+            self._in_flight.release()
+
+    # ---- teardown ----
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def finish(self) -> None:
+        """Release everything the connection holds; call once its transport is gone."""
+        if self._finished:
+            return
+        self._finished = True
+        self.close(self.close_code, self.close_reason)
+        METRICS.connections.labels(self.transport).dec()
+        if self._expiry is not None:
+            self._expiry.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        identity = self.session.identity
+        if identity is not None:
+            self.services.registry.remove(self.session.connection_id, self)
+            for channel in list(self.session.subscriptions):
+                with contextlib.suppress(Exception):
+                    await self.services.router.remove(identity.app, channel, self)

@@ -1,0 +1,156 @@
+"""Live fan-out: one NATS subscription per channel with local subscribers.
+
+Each live message is decoded once and encoded at most once per wire format, however many
+connections receive it (``Delivery``); connections get the pre-encoded bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from gateway.broker import Broker
+from gateway.metrics import METRICS
+from shared import binary_codec, json_codec, subjects
+from shared.binary_codec import FrameDecodeError
+from shared.frames import Message
+from shared.subjects import SERIAL_HEADER
+
+__all__ = ["ChannelRouter", "Delivery", "Subscriber"]
+
+log = logging.getLogger(__name__)
+
+
+class Delivery:
+    """One live message and its lazily built, cached encodings."""
+
+    __slots__ = ("_binary", "_json", "message")
+
+    def __init__(self, message: Message) -> None:
+        self.message = message
+        self._binary: bytes | None = None
+        self._json: bytes | None = None
+
+    @property
+    def binary(self) -> bytes:
+        """The length-prefixed binary record."""
+        if self._binary is None:
+            self._binary = binary_codec.frame_record(
+                binary_codec.encode_message_record(self.message)
+            )
+        return self._binary
+
+    @property
+    def json(self) -> bytes:
+        """The JSON text message."""
+        if self._json is None:
+            self._json = json_codec.encode_message_text(self.message)
+        return self._json
+
+
+class Subscriber(Protocol):
+    """What the router needs of a connection."""
+
+    def deliver(self, delivery: Delivery) -> None:
+        """Queue ``delivery`` without blocking."""
+
+
+class _Channel:
+    __slots__ = ("ready", "subscribers", "subscription")
+
+    def __init__(self) -> None:
+        self.subscribers: set[Subscriber] = set()
+        self.subscription: Subscription | None = None
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+
+def decode_live(msg: Msg) -> Message:
+    """Turn a live NATS message (republished from the stream, or ephemeral) into a Message."""
+    message = binary_codec.decode_member(msg.data)
+    headers = msg.headers
+    if headers and SERIAL_HEADER in headers:
+        return _with_serial(message, int(headers[SERIAL_HEADER]))
+    return message
+
+
+def _with_serial(message: Message, serial: int) -> Message:
+    return Message(
+        message.channel,
+        message.name,
+        message.data,
+        message.message_id,
+        message.client_id,
+        message.timestamp,
+        message.encoding,
+        serial,
+        message.ephemeral,
+        message.members,
+    )
+
+
+class ChannelRouter:
+    """Tracks which local connections subscribe to which (app, channel)."""
+
+    def __init__(self, broker: Broker) -> None:
+        self._broker = broker
+        self._channels: dict[str, _Channel] = {}
+
+    def __len__(self) -> int:
+        return len(self._channels)
+
+    async def add(self, app: str, channel: str, subscriber: Subscriber) -> None:
+        """Subscribe ``subscriber``; returns once NATS will route the channel's messages here."""
+        subject = subjects.live_subject(app, channel)
+        entry = self._channels.get(subject)
+        if entry is None:
+            entry = self._channels[subject] = _Channel()
+            entry.subscribers.add(subscriber)
+            try:
+                nc = self._broker.client()
+                entry.subscription = await nc.subscribe(subject, cb=self._handler(entry))
+                # The SUB must reach the server before we ack, or a message published right
+                # after the ack could miss us.
+                await nc.flush(timeout=max(1, int(self._broker.settings.request_timeout_s)))
+            except BaseException as error:
+                if self._channels.get(subject) is entry:
+                    del self._channels[subject]
+                entry.ready.set_exception(error)
+                entry.ready.exception()  # mark retrieved: other waiters get it too
+                raise
+            entry.ready.set_result(None)
+            return
+        entry.subscribers.add(subscriber)
+        await asyncio.shield(entry.ready)
+
+    async def remove(self, app: str, channel: str, subscriber: Subscriber) -> None:
+        """Unsubscribe ``subscriber``; drop the NATS subscription when nobody is left."""
+        subject = subjects.live_subject(app, channel)
+        entry = self._channels.get(subject)
+        if entry is None:
+            return
+        entry.subscribers.discard(subscriber)
+        if entry.subscribers:
+            return
+        del self._channels[subject]
+        if entry.subscription is not None:
+            with contextlib.suppress(Exception):
+                await entry.subscription.unsubscribe()
+
+    def _handler(self, entry: _Channel) -> Callable[[Msg], Awaitable[None]]:
+        async def on_message(msg: Msg) -> None:
+            try:
+                delivery = Delivery(decode_live(msg))
+            except (FrameDecodeError, ValueError):
+                log.error("undecodable live message on %s dropped", msg.subject)
+                return
+            for subscriber in entry.subscribers:
+                subscriber.deliver(delivery)
+            METRICS.deliveries.inc(len(entry.subscribers))
+
+        return on_message

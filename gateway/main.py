@@ -1,0 +1,48 @@
+"""Running one gateway process: HTTP/WebSocket server plus its NATS connection."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import web
+
+from gateway.app import create_app
+from gateway.connection import CLOSE_GOING_AWAY
+from gateway.services import GatewayServices
+from shared.settings import Settings
+
+__all__ = ["run_gateway"]
+
+log = logging.getLogger(__name__)
+
+_SHUTDOWN_GRACE_S = 2.0
+
+
+async def run_gateway(settings: Settings, stop: asyncio.Event) -> None:
+    """Serve until ``stop`` is set, then close every connection with 1001 and exit."""
+    services = GatewayServices.create(settings)
+    services.broker.start()
+    runner = web.AppRunner(
+        create_app(services),
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=_SHUTDOWN_GRACE_S,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
+    await site.start()
+    log.info(
+        "gateway listening on ws://%s:%d (%d API keys)",
+        settings.host,
+        settings.port,
+        len(services.keyring),
+    )
+    try:
+        await stop.wait()
+    finally:
+        for connection in list(services.registry.connections.values()):
+            connection.close(CLOSE_GOING_AWAY, "server shutting down")
+        await asyncio.sleep(0.1)  # let writers flush their close frames
+        await runner.cleanup()
+        await services.broker.close()

@@ -1,0 +1,91 @@
+"""Everything a gateway's connections share: settings, keys, NATS, fan-out, history."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from gateway.broker import Broker
+from gateway.fanout import ChannelRouter
+from gateway.history_client import HistoryClient
+from shared.auth import Identity, Keyring
+from shared.session import Limits
+from shared.settings import Settings
+
+if TYPE_CHECKING:
+    from gateway.connection import Connection
+
+__all__ = ["ConnectionRegistry", "GatewayServices"]
+
+_CONNECTION_ID = re.compile(r"[A-Za-z0-9_\-]{8,64}")
+
+
+class ConnectionRegistry:
+    """The live connections of this gateway, by connection id."""
+
+    def __init__(self) -> None:
+        self.connections: dict[str, Connection] = {}
+
+    def __len__(self) -> int:
+        return len(self.connections)
+
+    def claim(self, resume_id: str, identity: Identity) -> tuple[str, Connection | None]:
+        """Choose the id of a new connection: the resumed one when allowed, else a fresh one.
+
+        Returns the id and the connection it takes over (a half-open predecessor with the
+        same app and clientId), if any. An unusable resume id never fails the handshake.
+        """
+        if resume_id and _CONNECTION_ID.fullmatch(resume_id):
+            holder = self.connections.get(resume_id)
+            if holder is None:
+                return resume_id, None
+            held_by = holder.session.identity
+            if held_by and (held_by.app, held_by.client_id) == (identity.app, identity.client_id):
+                return resume_id, holder
+        return secrets.token_urlsafe(12), None
+
+    def add(self, connection_id: str, connection: Connection) -> None:
+        """Register ``connection`` under ``connection_id``."""
+        self.connections[connection_id] = connection
+
+    def remove(self, connection_id: str, connection: Connection) -> None:
+        """Forget ``connection`` if it still holds ``connection_id``."""
+        if self.connections.get(connection_id) is connection:
+            del self.connections[connection_id]
+
+
+@dataclass
+class GatewayServices:
+    """Shared state of one gateway process."""
+
+    settings: Settings
+    keyring: Keyring
+    broker: Broker
+    router: ChannelRouter
+    history: HistoryClient
+    registry: ConnectionRegistry = field(default_factory=ConnectionRegistry)
+
+    @classmethod
+    def create(cls, settings: Settings) -> GatewayServices:
+        """Wire the services for ``settings`` (call inside the running event loop)."""
+        broker = Broker(settings)
+        return cls(
+            settings=settings,
+            keyring=settings.keyring(),
+            broker=broker,
+            router=ChannelRouter(broker),
+            history=HistoryClient(broker),
+        )
+
+    @property
+    def limits(self) -> Limits:
+        """Per-connection limits from the settings."""
+        settings = self.settings
+        return Limits(
+            keep_alive_ms=settings.keep_alive_ms,
+            max_frame_bytes=settings.max_frame_bytes,
+            max_batch_members=settings.max_batch_members,
+            max_channels=settings.max_channels_per_connection,
+        )

@@ -1,0 +1,155 @@
+"""Reading one channel's stored messages from the stream by serial.
+
+Serials are contiguous per channel and stream sequences grow with them, so the stream
+sequence of serial S is found by a search over direct gets (interpolation, with bisection
+as a guard), then one batched direct get reads the range forward.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import orjson
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+
+from shared.binary_codec import decode_member
+from shared.errors import ErrorCode, ProtocolError
+from shared.frames import Message
+from shared.subjects import SERIAL_HEADER
+
+__all__ = ["ChannelBounds", "StreamReader"]
+
+_MAX_BATCH = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class _Stored:
+    sequence: int
+    serial: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelBounds:
+    """Oldest and newest retained message of a channel (serial 0 = channel empty)."""
+
+    oldest: _Stored
+    newest: _Stored
+
+
+def _with_serial(message: Message, serial: int) -> Message:
+    return Message(
+        message.channel,
+        message.name,
+        message.data,
+        message.message_id,
+        message.client_id,
+        message.timestamp,
+        message.encoding,
+        serial,
+        message.ephemeral,
+        message.members,
+    )
+
+
+class StreamReader:
+    """Direct-get reads over the message stream."""
+
+    def __init__(self, nc: NatsClient, stream: str, timeout: float) -> None:
+        self._nc = nc
+        self._stream = stream
+        self._timeout = timeout
+
+    async def _direct(self, request: dict[str, object] | None, subject: str = "") -> Msg | None:
+        api = f"$JS.API.DIRECT.GET.{self._stream}"
+        if request is None:
+            reply = await self._nc.request(f"{api}.{subject}", b"", timeout=self._timeout)
+        else:
+            reply = await self._nc.request(api, orjson.dumps(request), timeout=self._timeout)
+        status = reply.headers.get("Status") if reply.headers else None
+        if status == "404":
+            return None
+        if status:
+            raise ProtocolError(ErrorCode.SERVER, f"stream read failed: status {status}")
+        return reply
+
+    @staticmethod
+    def _stored(msg: Msg) -> _Stored:
+        headers = msg.headers or {}
+        return _Stored(int(headers["Nats-Sequence"]), int(headers.get(SERIAL_HEADER, 0)))
+
+    async def bounds(self, subject: str) -> ChannelBounds | None:
+        """The channel's oldest and newest retained messages, or ``None`` when empty."""
+        newest = await self._direct(None, subject)
+        if newest is None:
+            return None
+        oldest = await self._direct({"seq": 1, "next_by_subj": subject})
+        if oldest is None:  # purged in between
+            return None
+        return ChannelBounds(self._stored(oldest), self._stored(newest))
+
+    async def sequence_of(self, subject: str, bounds: ChannelBounds, serial: int) -> int:
+        """The stream sequence of ``serial`` (which must lie within ``bounds``)."""
+        low, high = bounds.oldest, bounds.newest
+        if serial <= low.serial:
+            return low.sequence
+        if serial >= high.serial:
+            return high.sequence
+        high_bound = high.sequence - 1
+        for attempt in range(64):
+            if low.sequence + 1 > high_bound:
+                break
+            if attempt % 2 == 0:  # interpolate: exact when the channel is evenly spread
+                fraction = (serial - low.serial) / max(1, high.serial - low.serial)
+                probe = low.sequence + max(1, int(fraction * (high.sequence - low.sequence)))
+            else:
+                probe = (low.sequence + 1 + high_bound) // 2
+            probe = min(max(probe, low.sequence + 1), high_bound)
+            found = await self._direct({"seq": probe, "next_by_subj": subject})
+            if found is None:
+                break
+            stored = self._stored(found)
+            if stored.serial == serial:
+                return stored.sequence
+            if stored.serial < serial:
+                low = stored
+            else:
+                high, high_bound = stored, probe - 1
+        # Fall back to the last known sequence below the target; the read skips forward.
+        return low.sequence
+
+    async def read(self, subject: str, start_sequence: int, first: int, last: int) -> list[Message]:
+        """Messages with serials ``first..last`` reading forward from ``start_sequence``."""
+        count = last - first + 1
+        if count <= 0:
+            return []
+        messages: list[Message] = []
+        inbox = self._nc.new_inbox()
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Every message before ``first`` that the start may include is skipped below.
+        request = {
+            "seq": start_sequence,
+            "next_by_subj": subject,
+            "batch": min(count + 1, _MAX_BATCH + 1),
+        }
+
+        async def on_reply(msg: Msg) -> None:
+            headers = msg.headers or {}
+            if headers.get("Status"):
+                if not done.done():
+                    done.set_result(None)
+                return
+            serial = int(headers.get(SERIAL_HEADER, 0))
+            if first <= serial <= last:
+                messages.append(_with_serial(decode_member(msg.data), serial))
+
+        subscription = await self._nc.subscribe(inbox, cb=on_reply)
+        try:
+            await self._nc.publish(
+                f"$JS.API.DIRECT.GET.{self._stream}", orjson.dumps(request), reply=inbox
+            )
+            await asyncio.wait_for(done, self._timeout)
+        finally:
+            await subscription.unsubscribe()
+        return messages

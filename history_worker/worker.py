@@ -1,0 +1,104 @@
+"""The history worker: answers ``hist``, ``fetch`` and resume queries over NATS
+request/reply in a queue group, so any number of workers share the load."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import nats
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+
+from history_worker.store import StreamReader
+from shared import history, subjects
+from shared.errors import ErrorCode, ProtocolError
+from shared.history import HistoryOp, HistoryQuery, HistoryResult
+from shared.settings import Settings
+
+__all__ = ["HistoryService", "run_history_worker"]
+
+log = logging.getLogger(__name__)
+
+_MAX_PAGE = 1000
+
+
+class HistoryService:
+    """Turns a query into a result by reading the stream."""
+
+    def __init__(self, reader: StreamReader) -> None:
+        self._reader = reader
+
+    async def answer(self, query: HistoryQuery) -> HistoryResult:
+        """Compute the result of ``query``."""
+        subject = subjects.stored_subject(query.app, query.channel)
+        bounds = await self._reader.bounds(subject)
+        oldest = bounds.oldest.serial if bounds else 0
+        newest = bounds.newest.serial if bounds else 0
+        limit = min(query.limit or _MAX_PAGE, _MAX_PAGE)
+        if query.op is HistoryOp.HISTORY:
+            span = history.history_range(oldest, newest, query.before, limit)
+        elif query.op is HistoryOp.FETCH:
+            span = history.fetch_range(oldest, newest, query.from_serial, limit)
+        else:
+            span = history.resume_range(oldest, newest, query.from_serial, limit)
+        if not span.count or bounds is None:
+            return HistoryResult((), span.flag)
+        start = await self._reader.sequence_of(subject, bounds, span.first)
+        messages = await self._reader.read(subject, start, span.first, span.last)
+        return HistoryResult(tuple(messages), span.flag)
+
+
+async def _connect(settings: Settings) -> NatsClient:
+    delay = 0.2
+    while True:
+        try:
+            return await nats.connect(
+                servers=settings.nats_url.split(","),
+                name="realtime-history-worker",
+                connect_timeout=2,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+            )
+        except Exception as error:
+            log.warning("NATS not reachable (%s); retrying in %.1fs", error, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+async def _fail(nc: NatsClient, reply: str, error: ProtocolError) -> None:
+    header = f"{int(error.code)} {error.message}".replace("\r", " ").replace("\n", " ")
+    await nc.publish(reply, b"", headers={history.ERROR_HEADER: header})
+
+
+async def run_history_worker(settings: Settings, stop: asyncio.Event) -> None:
+    """Serve history queries until ``stop`` is set."""
+    nc = await _connect(settings)
+    service = HistoryService(StreamReader(nc, settings.stream_name, settings.request_timeout_s))
+
+    async def on_query(msg: Msg) -> None:
+        if not msg.reply:
+            return
+        try:
+            result = await service.answer(history.decode_query(msg.data))
+        except ProtocolError as error:
+            await _fail(nc, msg.reply, error)
+            return
+        except Exception as error:
+            log.exception("history query failed")
+            await _fail(nc, msg.reply, ProtocolError(ErrorCode.SERVER, f"history failed: {error}"))
+            return
+        await nc.publish(msg.reply, history.encode_result(result))
+
+    subscription = await nc.subscribe(
+        subjects.HISTORY_SUBJECT, queue=subjects.HISTORY_QUEUE, cb=on_query
+    )
+    log.info("history worker serving %s", subjects.HISTORY_SUBJECT)
+    try:
+        await stop.wait()
+    finally:
+        with contextlib.suppress(Exception):
+            await subscription.unsubscribe()
+        with contextlib.suppress(Exception):
+            await nc.drain()

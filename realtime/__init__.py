@@ -1,0 +1,1 @@
+"""The ``realtime`` command: gateway, history worker and a one-command dev cluster."""

@@ -1,0 +1,158 @@
+"""Credentials: API keys ``appSlug.keyId:secret`` and HS256 JWTs (PROTOCOL.md section 4).
+
+Pure functions over a ``Keyring`` built from settings; no I/O.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import jwt
+
+from shared.capabilities import Capability
+from shared.errors import ErrorCode, ProtocolError
+
+__all__ = ["ApiKey", "Identity", "Keyring", "parse_api_key"]
+
+# The app slug becomes one NATS subject token, so it must not contain '.', '*', '>' or spaces.
+_APP_SLUG = re.compile(r"[A-Za-z0-9_\-]{1,64}")
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """One API key: ``name`` is ``appSlug.keyId``; the capability limits what it may do."""
+
+    name: str
+    secret: str
+    capability: Capability
+
+    @property
+    def app(self) -> str:
+        """The app slug that scopes every channel this key touches."""
+        return self.name.split(".", 1)[0]
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who a connection is, once authenticated."""
+
+    app: str
+    client_id: str
+    key_name: str
+    capability: Capability
+    expires_at: float | None = None
+
+
+def parse_api_key(text: str, capability: Capability | None = None) -> ApiKey:
+    """Parse ``appSlug.keyId:secret``; raise ``ValueError`` naming what is wrong."""
+    name, separator, secret = text.strip().partition(":")
+    if not separator or not secret:
+        raise ValueError("an API key must look like appSlug.keyId:secret")
+    app, dot, key_id = name.partition(".")
+    if not dot or not key_id:
+        raise ValueError(f"key name {name!r} must look like appSlug.keyId")
+    if not _APP_SLUG.fullmatch(app):
+        raise ValueError(f"app slug {app!r} may only contain A-Z a-z 0-9 '_' '-' (1-64)")
+    return ApiKey(name, secret, capability or Capability.allow_all())
+
+
+class Keyring:
+    """The API keys a gateway accepts, looked up by key name."""
+
+    def __init__(self, keys: Iterable[ApiKey]) -> None:
+        self._keys = {key.name: key for key in keys}
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def get(self, name: str) -> ApiKey | None:
+        """Return the key named ``name``, if configured."""
+        return self._keys.get(name)
+
+    def authenticate_key(self, text: str) -> ApiKey:
+        """Return the key matching the whole ``appSlug.keyId:secret`` string, else 40101."""
+        name, _, secret = text.partition(":")
+        key = self._keys.get(name)
+        # compare_digest keeps the secret check constant-time.
+        if key is None or not _constant_time_equal(key.secret, secret):
+            raise ProtocolError(ErrorCode.BAD_AUTH, "invalid API key")
+        return key
+
+    def verify_token(
+        self, token: str, now: float | None = None
+    ) -> tuple[ApiKey, dict[str, object]]:
+        """Verify an HS256 JWT signed by one of our keys (``kid``); return key and claims.
+
+        Raises ``ProtocolError`` 40102 when expired and 40101 for every other failure.
+        """
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise ProtocolError(ErrorCode.BAD_AUTH, "malformed token") from None
+        kid = header.get("kid")
+        key = self._keys.get(kid) if isinstance(kid, str) else None
+        if key is None:
+            raise ProtocolError(ErrorCode.BAD_AUTH, "token kid names no known key")
+        now = time.time() if now is None else now
+        try:
+            claims: dict[str, object] = jwt.decode(
+                token,
+                key.secret,
+                algorithms=["HS256"],
+                # iat in the future is client clock skew, not forgery; exp is what matters.
+                options={"require": ["exp"], "verify_iat": False},
+                leeway=0,
+            )
+        except jwt.ExpiredSignatureError:
+            raise ProtocolError(ErrorCode.AUTH_EXPIRED, "token expired") from None
+        except jwt.PyJWTError as error:
+            raise ProtocolError(ErrorCode.BAD_AUTH, f"invalid token: {error}") from None
+        expires = claims.get("exp")
+        if isinstance(expires, int | float) and now >= expires:
+            raise ProtocolError(ErrorCode.AUTH_EXPIRED, "token expired")
+        return key, claims
+
+    def identify(self, token: str, key_text: str, client_id: str, assign_id: str) -> Identity:
+        """Authenticate an ``auth`` frame's credential; ``assign_id`` is used when no id.
+
+        Key auth takes the frame's ``clientId``; token auth takes ``sub`` and rejects a
+        differing frame ``clientId``. A token's capability must be within its key's.
+        """
+        if token:
+            key, claims = self.verify_token(token)
+            subject = claims.get("sub")
+            if subject is not None and not isinstance(subject, str):
+                raise ProtocolError(ErrorCode.BAD_AUTH, "token sub must be a string")
+            if client_id and subject and client_id != subject:
+                raise ProtocolError(ErrorCode.BAD_AUTH, "clientId differs from the token's sub")
+            capability = key.capability
+            if "cap" in claims:
+                try:
+                    capability = Capability.parse(claims["cap"])
+                except ValueError as error:
+                    raise ProtocolError(ErrorCode.BAD_AUTH, f"token cap: {error}") from None
+                if not capability.is_subset_of(key.capability):
+                    raise ProtocolError(
+                        ErrorCode.BAD_AUTH, "token capability exceeds its key's capability"
+                    )
+            expires = claims.get("exp")
+            return Identity(
+                key.app,
+                subject or client_id or assign_id,
+                key.name,
+                capability,
+                float(expires) if isinstance(expires, int | float) else None,
+            )
+        if key_text:
+            key = self.authenticate_key(key_text)
+            return Identity(key.app, client_id or assign_id, key.name, key.capability)
+        raise ProtocolError(ErrorCode.BAD_AUTH, "auth frame carries neither token nor key")
+
+
+def _constant_time_equal(left: str, right: str) -> bool:
+    import hmac
+
+    return hmac.compare_digest(left.encode(), right.encode())

@@ -1,0 +1,167 @@
+"""History and gap-fill: the request/reply format between gateways and history workers, and
+the pure range arithmetic both sides rely on (PROTOCOL.md 3.5 to 3.7).
+
+Serials are contiguous per channel, so "newest N before X" and "everything after F" are serial
+ranges; the worker only has to read them.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import orjson
+
+from shared import binary_codec
+from shared.binary_codec import FrameDecodeError
+from shared.errors import ErrorCode, ProtocolError
+from shared.frames import Message
+
+__all__ = [
+    "ERROR_HEADER",
+    "HistoryOp",
+    "HistoryQuery",
+    "HistoryResult",
+    "SerialRange",
+    "decode_query",
+    "decode_result",
+    "encode_query",
+    "encode_result",
+    "fetch_range",
+    "history_range",
+    "resume_range",
+]
+
+ERROR_HEADER = "Rt-Error"
+"""Header of a worker reply that failed: ``<code> <message>``."""
+
+
+class HistoryOp(enum.StrEnum):
+    """What a query asks for."""
+
+    HISTORY = "hist"
+    FETCH = "fetch"
+    RESUME = "resume"
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryQuery:
+    """A ``hist`` (newest ``limit`` below ``before``) or ``fetch`` (above ``from_serial``)."""
+
+    op: HistoryOp
+    app: str
+    channel: str
+    limit: int = 0
+    before: int = 0
+    from_serial: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryResult:
+    """Messages oldest first; ``flag`` is ``more`` for hist and ``resumed`` for fetch."""
+
+    messages: tuple[Message, ...]
+    flag: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SerialRange:
+    """Serials ``first`` to ``last`` inclusive (empty when ``last < first``) and the flag."""
+
+    first: int
+    last: int
+    flag: bool
+
+    @property
+    def count(self) -> int:
+        """Number of serials in the range."""
+        return max(0, self.last - self.first + 1)
+
+
+def history_range(oldest: int, newest: int, before: int, limit: int) -> SerialRange:
+    """The page of ``hist``: the newest ``limit`` retained serials strictly below ``before``
+    (0 = no bound); ``flag`` = more older retained serials exist.
+
+    ``oldest``/``newest`` are the channel's retained serial bounds (0, 0 when empty).
+    """
+    if newest == 0:
+        return SerialRange(1, 0, False)
+    last = newest if before == 0 else min(newest, before - 1)
+    first = max(oldest, last - limit + 1)
+    if last < oldest:
+        return SerialRange(1, 0, False)
+    return SerialRange(first, last, first > oldest)
+
+
+def fetch_range(oldest: int, newest: int, from_serial: int, cap: int) -> SerialRange:
+    """The serials after ``from_serial``, at most ``cap`` of them (``fetch`` and resume).
+
+    ``flag`` (resumed) is false when part of the range aged out (PROTOCOL.md 3.6); a cursor at
+    or above ``newest`` is up to date: resumed, nothing to send (section 9, item 32).
+    """
+    if from_serial >= newest:
+        return SerialRange(1, 0, True)
+    if newest and from_serial < oldest - 1:
+        return SerialRange(1, 0, False)
+    first = from_serial + 1
+    return SerialRange(first, min(newest, first + cap - 1), True)
+
+
+def resume_range(oldest: int, newest: int, last_serial: int, cap: int) -> SerialRange:
+    """The replay of a resuming ``sub``: like ``fetch_range``, except that a cursor above the
+    channel's newest serial means the server lost state the client saw: not resumed
+    (PROTOCOL.md 3.5)."""
+    if last_serial > newest:
+        return SerialRange(1, 0, False)
+    return fetch_range(oldest, newest, last_serial, cap)
+
+
+def encode_query(query: HistoryQuery) -> bytes:
+    """Encode a query for the NATS request."""
+    return orjson.dumps(
+        {
+            "op": query.op.value,
+            "app": query.app,
+            "channel": query.channel,
+            "limit": query.limit,
+            "before": query.before,
+            "fromSerial": query.from_serial,
+        }
+    )
+
+
+def decode_query(data: bytes) -> HistoryQuery:
+    """Decode a query; raise ``ProtocolError`` 40001 when malformed."""
+    try:
+        value = orjson.loads(data)
+        return HistoryQuery(
+            HistoryOp(value["op"]),
+            str(value["app"]),
+            str(value["channel"]),
+            int(value.get("limit", 0)),
+            int(value.get("before", 0)),
+            int(value.get("fromSerial", 0)),
+        )
+    except (orjson.JSONDecodeError, KeyError, ValueError, TypeError) as error:
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"malformed history query: {error}") from None
+
+
+def encode_result(result: HistoryResult) -> bytes:
+    """Encode a result: a flag byte, then each message as a length-prefixed member."""
+    parts = [b"\x01" if result.flag else b"\x00"]
+    for message in result.messages:
+        parts.append(binary_codec.frame_record(binary_codec.encode_member(message)))
+    return b"".join(parts)
+
+
+def decode_result(data: bytes) -> HistoryResult:
+    """Decode a worker's result; raise ``ProtocolError`` 50000 when malformed."""
+    try:
+        if not data:
+            raise FrameDecodeError("empty history result")
+        messages = tuple(
+            binary_codec.decode_member(record) for record in binary_codec.iter_records(data[1:])
+        )
+    except FrameDecodeError as error:
+        raise ProtocolError(ErrorCode.SERVER, f"bad history result: {error.message}") from None
+    return HistoryResult(messages, data[0] == 1)

@@ -1,0 +1,354 @@
+"""The per-connection protocol state machine, independent of transport and of NATS.
+
+A ``Session`` is fed whole client messages (one WebSocket message, or one long-poll body) and
+returns commands: replies to send at once, and validated, authorised requests for the adapter
+to carry out (publish, subscribe, history, ...). It owns the codec choice, the auth state, the
+subscription set and every validation rule, so the WebSocket and long-poll adapters share one
+behaviour and it can be tested without sockets.
+
+States::
+
+    AWAITING_AUTH --auth ok--> CONNECTED --close--> CLOSED
+          |                                            ^
+          +--------- bad first frame / bad auth -------+
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from shared import binary_codec, json_codec
+from shared.auth import Identity, Keyring
+from shared.binary_codec import FrameDecodeError
+from shared.capabilities import Operation
+from shared.channels import validate_channel
+from shared.errors import ErrorCode, ProtocolError
+from shared.frames import (
+    AuthFrame,
+    ClientFrame,
+    ConnectedFrame,
+    ErrorFrame,
+    FetchFrame,
+    HistoryFrame,
+    Message,
+    PingFrame,
+    PongFrame,
+    PresenceFrame,
+    PresenceSubscribeFrame,
+    PresenceUnsubscribeFrame,
+    PublishFrame,
+    RequestFrame,
+    ServerFrame,
+    SubscribeFrame,
+    UnsubscribeFrame,
+)
+
+__all__ = [
+    "Authenticate",
+    "Close",
+    "Codec",
+    "Command",
+    "Limits",
+    "Publish",
+    "Reply",
+    "Request",
+    "Session",
+    "SessionState",
+    "new_message_id",
+]
+
+
+class SessionState(enum.IntEnum):
+    """Where a connection is in its life."""
+
+    AWAITING_AUTH = 0
+    CONNECTED = 1
+    CLOSED = 2
+
+
+class Codec(enum.Enum):
+    """Wire format of a connection, fixed by the opcode of its first message."""
+
+    JSON = "json"
+    BINARY = "binary"
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Per-connection limits enforced by the session."""
+
+    keep_alive_ms: int = 15_000
+    max_frame_bytes: int = 64 * 1024
+    max_batch_members: int = 1000
+    max_channels: int = 1000
+    max_message_id_length: int = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """Send ``frame`` to the client now."""
+
+    frame: ServerFrame
+
+
+@dataclass(frozen=True, slots=True)
+class Authenticate:
+    """The client sent a well-formed ``auth``: the adapter checks readiness, resolves the
+    connection id and calls ``Session.accept`` (or ``Session.reject``)."""
+
+    frame: AuthFrame
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """Store (or, if ephemeral, just fan out) ``message``, then ack ``request_id``."""
+
+    request_id: int
+    message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A validated, authorised request to carry out; the frame says which."""
+
+    frame: RequestFrame
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Close the connection (after sending what is queued)."""
+
+    code: int
+    reason: str
+
+
+Command = Reply | Authenticate | Publish | Request | Close
+
+# WebSocket close codes (RFC 6455) used by the session.
+CLOSE_POLICY_VIOLATION = 1008
+
+
+def new_message_id(now_ns: int | None = None) -> str:
+    """A server-assigned message id, ``<unixNanos>-<8 lowercase hex>`` (PROTOCOL.md 3.9)."""
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    return f"{now_ns}-{uuid.uuid4().hex[:8]}"
+
+
+class Session:
+    """Protocol state of one client connection. Not thread-safe; one per connection."""
+
+    def __init__(
+        self,
+        keyring: Keyring,
+        limits: Limits,
+        clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+    ) -> None:
+        self.keyring = keyring
+        self.limits = limits
+        self.clock_ms = clock_ms
+        self.state = SessionState.AWAITING_AUTH
+        self.codec: Codec | None = None
+        self.identity: Identity | None = None
+        self.connection_id = ""
+        self.subscriptions: set[str] = set()
+
+    @property
+    def is_closed(self) -> bool:
+        """True once the session ended (a failed handshake, or ``close``)."""
+        return self.state is SessionState.CLOSED
+
+    # ---- input ----
+
+    def receive_message(self, data: bytes, is_text: bool) -> list[Command]:
+        """Handle one client message; return what to do, in order."""
+        if self.state is SessionState.CLOSED:
+            return []
+        if self.codec is None:
+            self.codec = Codec.JSON if is_text else Codec.BINARY
+        elif (self.codec is Codec.JSON) != is_text:
+            expected = "text" if self.codec is Codec.JSON else "binary"
+            return [
+                self._error(
+                    ProtocolError(
+                        ErrorCode.BAD_FRAME, f"this connection speaks {expected} messages only"
+                    )
+                )
+            ]
+        if len(data) > self.limits.max_frame_bytes:
+            return self._oversized(data)
+        if self.codec is Codec.JSON:
+            try:
+                return self._receive_frame(json_codec.decode_client_text(data))
+            except ProtocolError as error:
+                return self._failed(error)
+        commands: list[Command] = []
+        try:
+            for record in binary_codec.iter_records(data):
+                try:
+                    frame = binary_codec.decode_client_record(record)
+                except FrameDecodeError as error:
+                    commands += self._failed(error)
+                else:
+                    commands += self._receive_frame(frame)
+                if self.is_closed:
+                    break
+        except FrameDecodeError as error:
+            commands += self._failed(error)
+        return commands
+
+    def _oversized(self, data: bytes) -> list[Command]:
+        message = f"frame of {len(data)} bytes exceeds the {self.limits.max_frame_bytes}-byte limit"
+        request_ids: list[int] = []
+        try:
+            if self.codec is Codec.JSON:
+                request_ids.append(_request_id(json_codec.decode_client_text(data)))
+            else:
+                for record in binary_codec.iter_records(data):
+                    request_ids.append(_request_id(binary_codec.decode_client_record(record)))
+        except ProtocolError:
+            pass
+        scoped = [request_id for request_id in request_ids if request_id]
+        errors = [ProtocolError(ErrorCode.BAD_FRAME, message, request_id) for request_id in scoped]
+        if not errors:
+            errors = [ProtocolError(ErrorCode.BAD_FRAME, message)]
+        commands: list[Command] = []
+        for error in errors:
+            commands += self._failed(error)
+        return commands
+
+    def _failed(self, error: ProtocolError) -> list[Command]:
+        if self.state is SessionState.AWAITING_AUTH:
+            return self._close_with(error)
+        return [self._error(error)]
+
+    def _receive_frame(self, frame: ClientFrame) -> list[Command]:
+        if self.state is SessionState.AWAITING_AUTH:
+            if not isinstance(frame, AuthFrame):
+                return self._close_with(
+                    ProtocolError(ErrorCode.BAD_FRAME, "the first frame must be auth")
+                )
+            if frame.version != 0:
+                return self._close_with(
+                    ProtocolError(
+                        ErrorCode.BAD_FRAME, f"unsupported auth protocol version {frame.version}"
+                    )
+                )
+            return [Authenticate(frame)]
+        if isinstance(frame, PingFrame):
+            return [Reply(PongFrame())]
+        if isinstance(frame, AuthFrame):
+            return [self._error(ProtocolError(ErrorCode.BAD_FRAME, "already authenticated"))]
+        try:
+            return [self._request(frame)]
+        except ProtocolError as error:
+            return [self._error(error)]
+
+    def _request(self, frame: RequestFrame) -> Command:
+        identity = self.identity
+        assert identity is not None
+        request_id = frame.id
+        channel = validate_channel(frame.channel, request_id)
+        capability = identity.capability
+        if isinstance(frame, PublishFrame):
+            capability.check(Operation.PUBLISH, channel, request_id)
+            return Publish(request_id, self._message(frame))
+        if isinstance(frame, SubscribeFrame):
+            capability.check(Operation.SUBSCRIBE, channel, request_id)
+            if channel not in self.subscriptions:
+                if len(self.subscriptions) >= self.limits.max_channels:
+                    raise ProtocolError(
+                        ErrorCode.RATE_LIMITED,
+                        f"at most {self.limits.max_channels} subscriptions per connection",
+                        request_id,
+                    )
+                self.subscriptions.add(channel)
+        elif isinstance(frame, UnsubscribeFrame):
+            self.subscriptions.discard(channel)
+        elif isinstance(frame, PresenceFrame):
+            capability.check(Operation.PRESENCE, channel, request_id)
+        elif isinstance(frame, PresenceSubscribeFrame):
+            capability.allows_any((Operation.PRESENCE, Operation.SUBSCRIBE), channel, request_id)
+        elif isinstance(frame, HistoryFrame):
+            capability.check(Operation.HISTORY, channel, request_id)
+        elif isinstance(frame, FetchFrame):
+            capability.allows_any((Operation.SUBSCRIBE, Operation.HISTORY), channel, request_id)
+        else:
+            assert isinstance(frame, PresenceUnsubscribeFrame)
+        return Request(frame)
+
+    def _message(self, frame: PublishFrame) -> Message:
+        identity = self.identity
+        assert identity is not None
+        if len(frame.members) > self.limits.max_batch_members:
+            raise ProtocolError(
+                ErrorCode.BAD_FRAME,
+                f"batch of {len(frame.members)} messages exceeds {self.limits.max_batch_members}",
+                frame.id,
+            )
+        if len(frame.message_id) > self.limits.max_message_id_length:
+            raise ProtocolError(ErrorCode.BAD_FRAME, "messageId is too long", frame.id)
+        return Message(
+            channel=frame.channel,
+            name="" if frame.members else frame.name,
+            data=None if frame.members else frame.data,
+            # Early JSON clients sent no id: assign one (such publishes cannot be deduplicated).
+            message_id=frame.message_id or new_message_id(),
+            client_id=identity.client_id,
+            timestamp=self.clock_ms(),
+            encoding="" if frame.members else frame.encoding,
+            ephemeral=frame.ephemeral,
+            members=frame.members,
+        )
+
+    # ---- handshake ----
+
+    def authenticate(self, frame: AuthFrame, assign_client_id: str) -> Identity:
+        """Check ``frame``'s credential; raise ``ProtocolError`` 40101/40102 on failure."""
+        identity = self.keyring.identify(frame.token, frame.key, frame.client_id, assign_client_id)
+        self.identity = identity
+        return identity
+
+    def accept(self, connection_id: str) -> ConnectedFrame:
+        """Finish the handshake with ``connection_id``; return the ``connected`` frame."""
+        assert self.identity is not None
+        self.state = SessionState.CONNECTED
+        self.connection_id = connection_id
+        return ConnectedFrame(connection_id, self.limits.keep_alive_ms, self.identity.client_id)
+
+    def reject(self, error: ProtocolError) -> list[Command]:
+        """Fail the handshake: send ``err`` (unscoped) and close."""
+        self.identity = None
+        return self._close_with(error)
+
+    def close(self) -> None:
+        """Mark the session closed; later input is ignored."""
+        self.state = SessionState.CLOSED
+
+    # ---- output ----
+
+    def encode(self, frame: ServerFrame) -> bytes:
+        """Encode ``frame`` for this connection: a length-prefixed record in binary mode,
+        one JSON text in JSON mode."""
+        if self.codec is Codec.JSON:
+            return json_codec.encode_server_text(frame)
+        return binary_codec.frame_record(binary_codec.encode_server_frame(frame))
+
+    # ---- helpers ----
+
+    def _error(self, error: ProtocolError) -> Reply:
+        return Reply(ErrorFrame(int(error.code), error.message, error.request_id))
+
+    def _close_with(self, error: ProtocolError) -> list[Command]:
+        self.state = SessionState.CLOSED
+        return [
+            Reply(ErrorFrame(int(error.code), error.message, 0)),
+            Close(CLOSE_POLICY_VIOLATION, f"error {int(error.code)}"),
+        ]
+
+
+def _request_id(frame: ClientFrame) -> int:
+    return getattr(frame, "id", 0) or 0

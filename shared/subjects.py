@@ -1,0 +1,43 @@
+"""NATS subject names. Every channel subject is scoped by app slug, so apps never meet.
+
+A channel name is one subject token (its characters exclude '.', '*', '>' and spaces) and so
+is an app slug (checked when keys are parsed).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "HISTORY_QUEUE",
+    "HISTORY_SUBJECT",
+    "SERIAL_HEADER",
+    "live_subject",
+    "stored_subject",
+    "stream_subjects",
+]
+
+PREFIX = "rt"
+
+HISTORY_SUBJECT = f"{PREFIX}.rpc.history"
+"""Request/reply subject of the history workers (``hist`` and ``fetch``)."""
+
+HISTORY_QUEUE = "history-workers"
+
+SERIAL_HEADER = "Rt-Serial"
+"""Header carrying a stored message's per-channel serial (set at publish, kept by the stream
+and by its republish)."""
+
+
+def stored_subject(app: str, channel: str) -> str:
+    """Subject a durable publish goes to; the stream captures ``rt.msg.>``."""
+    return f"{PREFIX}.msg.{app}.{channel}"
+
+
+def live_subject(app: str, channel: str) -> str:
+    """Subject of live delivery: the stream republishes stored messages here, and ephemeral
+    messages are published here directly (they are never stored)."""
+    return f"{PREFIX}.live.{app}.{channel}"
+
+
+def stream_subjects() -> tuple[str, str]:
+    """(stream subjects, republish destination) for the message stream."""
+    return f"{PREFIX}.msg.>", f"{PREFIX}.live.>"
