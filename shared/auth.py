@@ -5,17 +5,24 @@ Pure functions over a ``Keyring`` built from settings; no I/O.
 
 from __future__ import annotations
 
+import hmac
 import re
 import time
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import jwt
+from jwt.warnings import InsecureKeyLengthWarning
 
 from shared.capabilities import Capability
 from shared.errors import ErrorCode, ProtocolError
 
 __all__ = ["ApiKey", "Identity", "Keyring", "parse_api_key"]
+
+# Key secrets are the operator's choice (the SDK examples use short ones); pyjwt would warn on
+# every verification with a secret under 32 bytes.
+warnings.filterwarnings("ignore", category=InsecureKeyLengthWarning)
 
 # The app slug becomes one NATS subject token, so it must not contain '.', '*', '>' or spaces.
 _APP_SLUG = re.compile(r"[A-Za-z0-9_\-]{1,64}")
@@ -153,6 +160,4 @@ class Keyring:
 
 
 def _constant_time_equal(left: str, right: str) -> bool:
-    import hmac
-
     return hmac.compare_digest(left.encode(), right.encode())

@@ -1,0 +1,143 @@
+"""The session state machine, without sockets or NATS."""
+
+from __future__ import annotations
+
+import orjson
+
+from shared import binary_codec
+from shared.auth import Keyring, parse_api_key
+from shared.frames import (
+    AuthFrame,
+    ErrorFrame,
+    PingFrame,
+    PongFrame,
+    PublishFrame,
+    SubscribeFrame,
+)
+from shared.session import (
+    Authenticate,
+    Close,
+    Codec,
+    Limits,
+    Publish,
+    Reply,
+    Request,
+    Session,
+    SessionState,
+)
+
+KEYRING = Keyring([parse_api_key("app.k:secret")])
+
+
+def connected_session(codec: Codec = Codec.JSON, **limits: int) -> Session:
+    session = Session(KEYRING, Limits(**limits), clock_ms=lambda: 1234)
+    if codec is Codec.JSON:
+        commands = session.receive_message(b'{"t":"auth","key":"app.k:secret"}', is_text=True)
+    else:
+        record = binary_codec.encode_client_frame(AuthFrame(key="app.k:secret", client_id="c1"))
+        commands = session.receive_message(binary_codec.frame_record(record), is_text=False)
+    assert len(commands) == 1 and isinstance(commands[0], Authenticate)
+    session.authenticate(commands[0].frame, assign_client_id="assigned")
+    session.accept("conn-1")
+    return session
+
+
+def binary(*frames: object) -> bytes:
+    return b"".join(
+        binary_codec.frame_record(binary_codec.encode_client_frame(f))  # type: ignore[arg-type]
+        for f in frames
+    )
+
+
+def test_first_message_opcode_picks_codec() -> None:
+    assert connected_session(Codec.JSON).codec is Codec.JSON
+    session = connected_session(Codec.BINARY)
+    assert session.codec is Codec.BINARY and session.identity is not None
+    assert session.identity.client_id == "c1"
+
+
+def test_first_frame_must_be_auth() -> None:
+    session = Session(KEYRING, Limits())
+    commands = session.receive_message(b'{"t":"ping"}', is_text=True)
+    assert isinstance(commands[0], Reply) and isinstance(commands[0].frame, ErrorFrame)
+    assert commands[0].frame.code == 40001 and isinstance(commands[1], Close)
+    assert session.state is SessionState.CLOSED
+    assert session.receive_message(b'{"t":"ping"}', is_text=True) == []
+
+
+def test_nonzero_auth_version_is_refused() -> None:
+    session = Session(KEYRING, Limits())
+    record = binary_codec.encode_client_frame(AuthFrame(key="app.k:secret", version=1))
+    commands = session.receive_message(binary_codec.frame_record(record), is_text=False)
+    assert isinstance(commands[0], Reply) and isinstance(commands[1], Close)
+
+
+def test_binary_message_with_several_records_and_one_bad() -> None:
+    session = connected_session(Codec.BINARY)
+    data = binary(PingFrame()) + binary_codec.frame_record(b"\x63") + binary(PingFrame())
+    commands = session.receive_message(data, is_text=False)
+    assert [type(c) for c in commands] == [Reply, Reply, Reply]
+    assert isinstance(commands[0], Reply) and commands[0].frame == PongFrame()
+    assert isinstance(commands[1], Reply) and isinstance(commands[1].frame, ErrorFrame)
+
+
+def test_publish_is_stamped_with_identity_and_time() -> None:
+    session = connected_session(Codec.BINARY)
+    commands = session.receive_message(
+        binary(PublishFrame(5, "chat", "n", b"1", "", "m-1")), is_text=False
+    )
+    assert len(commands) == 1 and isinstance(commands[0], Publish)
+    message = commands[0].message
+    assert (message.client_id, message.timestamp, message.message_id) == ("c1", 1234, "m-1")
+
+
+def test_publish_without_message_id_gets_one() -> None:
+    session = connected_session()
+    commands = session.receive_message(b'{"t":"pub","id":1,"channel":"c","data":1}', True)
+    assert isinstance(commands[0], Publish) and commands[0].message.message_id
+
+
+def test_batch_limit() -> None:
+    session = connected_session(max_batch_members=2)
+    members = [{"name": "a", "data": 1}] * 3
+    text = orjson.dumps({"t": "pub", "id": 8, "channel": "c", "messages": members})
+    commands = session.receive_message(text, is_text=True)
+    assert isinstance(commands[0], Reply) and isinstance(commands[0].frame, ErrorFrame)
+    assert commands[0].frame.code == 40001 and commands[0].frame.id == 8
+
+
+def test_subscription_set_and_quota() -> None:
+    session = connected_session(max_channels=2)
+    for channel in ("a", "b", "a"):
+        commands = session.receive_message(
+            orjson.dumps({"t": "sub", "id": 1, "channel": channel}), True
+        )
+        assert isinstance(commands[0], Request)
+    assert session.subscriptions == {"a", "b"}
+    commands = session.receive_message(b'{"t":"sub","id":9,"channel":"c"}', True)
+    assert isinstance(commands[0], Reply) and isinstance(commands[0].frame, ErrorFrame)
+    assert commands[0].frame.code == 42900 and commands[0].frame.id == 9
+    session.receive_message(b'{"t":"unsub","id":2,"channel":"a"}', True)
+    assert session.subscriptions == {"b"}
+
+
+def test_oversized_message_names_the_limit_and_request() -> None:
+    session = connected_session(Codec.BINARY, max_frame_bytes=100)
+    commands = session.receive_message(
+        binary(SubscribeFrame(4, "c"), PublishFrame(6, "c", "n", b'"' + b"x" * 200 + b'"')), False
+    )
+    frames = [c.frame for c in commands if isinstance(c, Reply)]
+    assert [f.id for f in frames if isinstance(f, ErrorFrame)] == [4, 6]
+    assert all(isinstance(f, ErrorFrame) and "100-byte" in f.message for f in frames)
+
+
+def test_wrong_message_type_after_codec_choice() -> None:
+    session = connected_session(Codec.JSON)
+    commands = session.receive_message(binary(PingFrame()), is_text=False)
+    assert isinstance(commands[0], Reply) and isinstance(commands[0].frame, ErrorFrame)
+    assert session.state is SessionState.CONNECTED
+
+
+def test_encode_depends_on_codec() -> None:
+    assert connected_session(Codec.JSON).encode(PongFrame()) == b'{"t":"pong"}'
+    assert connected_session(Codec.BINARY).encode(PongFrame()) == b"\x01\x10"
