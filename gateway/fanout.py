@@ -75,23 +75,8 @@ def decode_live(msg: Msg) -> Message:
     message = binary_codec.decode_member(msg.data)
     headers = msg.headers
     if headers and SERIAL_HEADER in headers:
-        return _with_serial(message, int(headers[SERIAL_HEADER]))
+        return message.with_serial(int(headers[SERIAL_HEADER]))
     return message
-
-
-def _with_serial(message: Message, serial: int) -> Message:
-    return Message(
-        message.channel,
-        message.name,
-        message.data,
-        message.message_id,
-        message.client_id,
-        message.timestamp,
-        message.encoding,
-        serial,
-        message.ephemeral,
-        message.members,
-    )
 
 
 class ChannelRouter:

@@ -38,21 +38,6 @@ class ChannelBounds:
     newest: _Stored
 
 
-def _with_serial(message: Message, serial: int) -> Message:
-    return Message(
-        message.channel,
-        message.name,
-        message.data,
-        message.message_id,
-        message.client_id,
-        message.timestamp,
-        message.encoding,
-        serial,
-        message.ephemeral,
-        message.members,
-    )
-
-
 class StreamReader:
     """Direct-get reads over the message stream."""
 
@@ -142,7 +127,7 @@ class StreamReader:
                 return
             serial = int(headers.get(SERIAL_HEADER, 0))
             if first <= serial <= last:
-                messages.append(_with_serial(decode_member(msg.data), serial))
+                messages.append(decode_member(msg.data).with_serial(serial))
 
         subscription = await self._nc.subscribe(inbox, cb=on_reply)
         try:

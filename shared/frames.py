@@ -81,6 +81,13 @@ class Message:
         """True when this message is a client batch delivered as one record."""
         return bool(self.members)
 
+    def with_serial(self, serial: int) -> Message:
+        """This message with its stored serial (the stored form carries serial 0)."""
+        return Message(
+            self.channel, self.name, self.data, self.message_id, self.client_id,
+            self.timestamp, self.encoding, serial, self.ephemeral, self.members,
+        )  # fmt: skip
+
 
 # ---- client to server ----
 

@@ -136,8 +136,16 @@ async def test_publisher_receives_its_own_messages_in_serial_order(cluster: Clus
     client = await json_client(cluster.a.url, clientId="echo")
     await client.request("sub", channel=channel)
     for index in range(20):
-        await client.send({"t": "pub", "id": 100 + index, "channel": channel, "name": "n",
-                           "data": index, "messageId": f"id-{index}"})  # fmt: skip
+        await client.send(
+            {
+                "t": "pub",
+                "id": 100 + index,
+                "channel": channel,
+                "name": "n",
+                "data": index,
+                "messageId": f"id-{index}",
+            }
+        )
     acks: dict[int, int] = {}
     messages: list[dict[str, object]] = []
     while len(acks) < 20 or len(messages) < 20:

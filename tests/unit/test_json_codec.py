@@ -75,16 +75,25 @@ def test_decode_errors(text: str, needle: str, request_id: int) -> None:
 def test_encode_omits_absent_optionals_never_null() -> None:
     assert orjson.loads(json_codec.encode_server_text(AckFrame(4))) == {"t": "ack", "id": 4}
     assert orjson.loads(json_codec.encode_server_text(AckFrame(4, 9, False))) == {
-        "t": "ack", "id": 4, "seq": 9, "resumed": False,
-    }  # fmt: skip
+        "t": "ack",
+        "id": 4,
+        "seq": 9,
+        "resumed": False,
+    }
     assert orjson.loads(json_codec.encode_server_text(ErrorFrame(40001, "bad"))) == {
-        "t": "err", "code": 40001, "message": "bad",
-    }  # fmt: skip
+        "t": "err",
+        "code": 40001,
+        "message": "bad",
+    }
     event = PresenceEventFrame(PresenceAction.LEAVE, 5, "c", "u", "k")
     assert orjson.loads(json_codec.encode_server_text(event)) == {
-        "t": "presEvt", "channel": "c", "action": "leave", "clientId": "u",
-        "connectionId": "k", "timestamp": 5,
-    }  # fmt: skip
+        "t": "presEvt",
+        "channel": "c",
+        "action": "leave",
+        "clientId": "u",
+        "connectionId": "k",
+        "timestamp": 5,
+    }
 
 
 def test_encode_message_splices_payload_verbatim() -> None:
@@ -92,22 +101,37 @@ def test_encode_message_splices_payload_verbatim() -> None:
     text = json_codec.encode_server_text(MessageFrame(message))
     assert b'"data":{"z":1,"a":2}' in text
     assert orjson.loads(text) == {
-        "t": "msg", "channel": "c", "name": "n", "data": {"z": 1, "a": 2}, "timestamp": 7,
-        "messageId": "id", "seq": 3,
-    }  # fmt: skip
+        "t": "msg",
+        "channel": "c",
+        "name": "n",
+        "data": {"z": 1, "a": 2},
+        "timestamp": 7,
+        "messageId": "id",
+        "seq": 3,
+    }
     absent = orjson.loads(json_codec.encode_message_text(Message("c", "n", None, "i", "u", 1)))
     assert absent["data"] is None and absent["clientId"] == "u"
 
 
 def test_encode_batch_and_fetch_response() -> None:
-    batch = Message("c", "", None, "b", "u", 1, serial=2,
-                    members=(BatchMember("a", b"1", "enc"),))  # fmt: skip
+    batch = Message("c", "", None, "b", "u", 1, serial=2, members=(BatchMember("a", b"1", "enc"),))
     response = FetchResponseFrame(7, "c", (batch,), resumed=True)
     assert orjson.loads(json_codec.encode_server_text(response)) == {
-        "t": "fetchRes", "id": 7, "channel": "c", "resumed": True,
-        "messages": [{
-            "t": "msg", "channel": "c", "name": "", "data": None, "timestamp": 1,
-            "messageId": "b", "clientId": "u", "seq": 2,
-            "messages": [{"name": "a", "data": 1, "encoding": "enc"}],
-        }],
-    }  # fmt: skip
+        "t": "fetchRes",
+        "id": 7,
+        "channel": "c",
+        "resumed": True,
+        "messages": [
+            {
+                "t": "msg",
+                "channel": "c",
+                "name": "",
+                "data": None,
+                "timestamp": 1,
+                "messageId": "b",
+                "clientId": "u",
+                "seq": 2,
+                "messages": [{"name": "a", "data": 1, "encoding": "enc"}],
+            }
+        ],
+    }

@@ -1,0 +1,72 @@
+"""The unmodified @foony/realtime 0.16.0 SDK against a real two-gateway cluster (issue 3)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.interop.sdk import run_node
+from tests.support import APP_KEY, Cluster
+
+
+def scenario(cluster: Cluster, name: str) -> Any:
+    return run_node("interop.mjs", name, RT_A=cluster.a.url, RT_B=cluster.b.url, RT_KEY=APP_KEY)
+
+
+def test_connect_with_key_and_client_id(cluster: Cluster) -> None:
+    result = scenario(cluster, "connect-key")
+    assert result["state"] == "connected"
+    assert result["clientId"] == "sdk-alice"
+    assert result["connectionId"]
+    assert result["states"] == ["connecting", "connected", "closing", "closed"]
+
+
+def test_connect_with_sdk_created_jwt(cluster: Cluster) -> None:
+    result = scenario(cluster, "connect-jwt")
+    assert result["state"] == "connected" and result["clientId"] == "sdk-jwt-user"
+    assert [m["data"] for m in result["received"]] == [{"via": "jwt"}]
+    assert result["received"][0]["clientId"] == "sdk-jwt-user"
+
+
+def test_bad_key_ends_failed_with_server_code(cluster: Cluster) -> None:
+    result = scenario(cluster, "bad-credentials")
+    assert result["state"] == "failed"
+    assert "40101" in result["error"]["message"]
+
+
+def test_subscribe_on_a_publish_on_b(cluster: Cluster) -> None:
+    received = scenario(cluster, "pubsub")["received"]
+    names = [m["name"] for m in received]
+    assert names[:4] == ["single", "b1", "b2", "eph"], names
+    assert [m["data"] for m in received[:4]] == [{"n": 1}, 1, "two", "fleeting"]
+    many = [m for m in received if m["name"] == "many"]
+    assert sorted(m["data"] for m in many) == list(range(50))  # each exactly once
+    assert len(received) == 54
+    assert all(m["clientId"] == "sdk-pub" for m in received)
+    assert received[3]["ephemeral"] is True
+    # Batch members share the batch id with an index suffix (the SDK expands them).
+    assert received[1]["messageId"].endswith(":0") and received[2]["messageId"].endswith(":1")
+    batch_ids = {m["messageId"].rsplit(":", 1)[0] for m in many}
+    assert len(batch_ids) < 50, "the SDK should have auto-batched the burst"
+
+
+def test_name_filtered_subscribe(cluster: Cluster) -> None:
+    assert scenario(cluster, "name-filter") == {"wanted": [1, 3], "all": [1, 2, 3]}
+
+
+def test_forbidden_and_malformed_requests_surface_server_codes(cluster: Cluster) -> None:
+    result = scenario(cluster, "errors")
+    assert "server error 40301" in result["publishDenied"]["message"]
+    assert "server error 40302" in result["attachDenied"]["message"]
+    assert "server error 40301" in result["historyDenied"]["message"]
+    assert "server error 40001" in result["malformed"]["message"]
+    assert result["attachAllowed"] is None
+    assert result["stateAfter"] == "connected"
+
+
+def test_encrypted_channel_round_trips_verbatim(cluster: Cluster) -> None:
+    result = scenario(cluster, "cipher")
+    assert [m["data"] for m in result["decrypted"]] == [result["secret"]]
+    raw = result["raw"][0]
+    assert raw["encoding"] == "cipher+aes-256-gcm/base64"
+    assert isinstance(raw["data"], str) and "geheim" not in raw["data"]
+    assert [m["data"] for m in result["history"]] == [result["secret"]]

@@ -1,0 +1,191 @@
+// SDK interop scenarios: the unmodified @foony/realtime 0.16.0 against our gateways.
+// Usage: node interop.mjs <scenario>; env RT_A / RT_B (ws:// endpoints of two gateways),
+// RT_KEY (API key). Prints one JSON object (the scenario's observations) on the last line;
+// pytest makes the assertions.
+import { Realtime, createJwt, generateRandomKey } from '@foony/realtime';
+import WebSocket from 'ws';
+
+const A = process.env.RT_A;
+const B = process.env.RT_B;
+const KEY = process.env.RT_KEY;
+const run = Math.random().toString(36).slice(2, 10);
+
+function client(endpoint, options = {}) {
+  return new Realtime({
+    endpoint,
+    webSocket: WebSocket,
+    transport: 'websocket',
+    ...(options.token || options.authCallback ? {} : { key: KEY }),
+    ...options,
+  });
+}
+
+function deadline(ms, what) {
+  return new Promise((_, reject) => setTimeout(() => reject(new Error(`timed out: ${what}`)), ms));
+}
+
+async function until(predicate, what, ms = 10000) {
+  const started = Date.now();
+  while (!predicate()) {
+    if (Date.now() - started > ms) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 10));
+  }
+}
+
+async function errorOf(promise) {
+  try {
+    await Promise.race([promise, deadline(10000, 'request')]);
+    return null;
+  } catch (error) {
+    return { message: String(error.message), code: error.code ?? null };
+  }
+}
+
+function view(message) {
+  return {
+    name: message.name, data: message.data, messageId: message.messageId,
+    clientId: message.clientId ?? null, seq: message.seq ?? null,
+    ephemeral: message.ephemeral ?? false, encoding: message.encoding ?? null,
+  };
+}
+
+const scenarios = {
+  async 'connect-key'() {
+    const states = [];
+    const realtime = client(A, { clientId: 'sdk-alice' });
+    realtime.connection.on((state) => states.push(state));
+    await realtime.connect();
+    const result = {
+      state: realtime.getState(),
+      clientId: realtime.connection.getClientId(),
+      connectionId: realtime.getConnectionId(),
+    };
+    await realtime.close();
+    result.states = states;
+    result.finalState = realtime.getState();
+    return result;
+  },
+
+  async 'connect-jwt'() {
+    const token = await createJwt(
+      { clientId: 'sdk-jwt-user', capability: { '*': ['*'] }, ttlMs: 60000 }, { key: KEY },
+    );
+    const realtime = client(B, { token });
+    await realtime.connect();
+    const result = { state: realtime.getState(), clientId: realtime.connection.getClientId() };
+    // The token authorises real work, not just the handshake.
+    const channel = realtime.channels.get(`jwt:${run}`);
+    const received = [];
+    channel.subscribe((message) => received.push(view(message)));
+    await channel.attach();
+    await channel.publish('hello', { via: 'jwt' });
+    await until(() => received.length === 1, 'own message');
+    result.received = received;
+    await realtime.close();
+    return result;
+  },
+
+  async 'bad-credentials'() {
+    const states = [];
+    const realtime = client(A, { key: KEY.split(':')[0] + ':wrong', autoReconnect: false });
+    realtime.connection.on((state, reason) => states.push([state, reason ? String(reason.message ?? reason) : null]));
+    const error = await errorOf(realtime.connect());
+    await until(() => realtime.getState() === 'failed', 'failed state', 5000).catch(() => {});
+    return { error, state: realtime.getState(), states };
+  },
+
+  async 'pubsub'() {
+    const subscriber = client(A, { clientId: 'sdk-sub' });
+    const publisher = client(B, { clientId: 'sdk-pub' });
+    const name = `pubsub:${run}`;
+    const received = [];
+    const channel = subscriber.channels.get(name);
+    channel.subscribe((message) => received.push(view(message)));
+    await channel.attach();
+    const out = publisher.channels.get(name);
+    await out.publish('single', { n: 1 });
+    await out.publish([{ name: 'b1', data: 1 }, { name: 'b2', data: 'two' }]);
+    await out.publish('eph', 'fleeting', { ephemeral: true });
+    // Many small publishes at once: the SDK auto-batches them into few frames.
+    await Promise.all(Array.from({ length: 50 }, (_, index) => out.publish('many', index)));
+    await until(() => received.length >= 54, `54 messages (got ${received.length})`);
+    await new Promise((resolve) => setTimeout(resolve, 200)); // any duplicate would show now
+    await subscriber.close();
+    await publisher.close();
+    return { received };
+  },
+
+  async 'name-filter'() {
+    const subscriber = client(A);
+    const publisher = client(B);
+    const name = `filter:${run}`;
+    const wanted = [];
+    const all = [];
+    const channel = subscriber.channels.get(name);
+    channel.subscribe('wanted', (message) => wanted.push(message.data));
+    channel.subscribe((message) => all.push(message.data));
+    await channel.attach();
+    const out = publisher.channels.get(name);
+    for (const [event, data] of [['wanted', 1], ['other', 2], ['wanted', 3]]) {
+      await out.publish(event, data);
+    }
+    await until(() => all.length === 3, 'three messages');
+    await subscriber.close();
+    await publisher.close();
+    return { wanted, all };
+  },
+
+  async 'errors'() {
+    const token = await createJwt(
+      { clientId: 'sdk-limited', capability: { 'chat:*': ['subscribe'] } }, { key: KEY },
+    );
+    const realtime = client(A, { token });
+    await realtime.connect();
+    const errors = [];
+    realtime.connection.on((state, reason) => { if (reason) errors.push(String(reason.message ?? reason)); });
+    const result = {
+      publishDenied: await errorOf(realtime.channels.get('chat:1').publish('x', 1, { ephemeral: true })),
+      attachDenied: await errorOf(realtime.channels.get(`other${run}`).attach()),
+      historyDenied: await errorOf(realtime.channels.get('chat:1').history()),
+      attachAllowed: await errorOf(realtime.channels.get(`chat:${run}`).attach()),
+      // A malformed request the SDK would never build: the server answers 40001.
+      malformed: await errorOf(realtime.connection['publish']({ t: 'pub', channel: 'bad name', name: 'x', data: 1 })),
+    };
+    result.stateAfter = realtime.getState();
+    await realtime.close();
+    return result;
+  },
+
+  async 'cipher'() {
+    const key = await generateRandomKey();
+    const name = `secret:${run}`;
+    const reader = client(A);
+    const writer = client(B);
+    const eavesdropper = client(A);
+    const decrypted = [];
+    const raw = [];
+    const channel = reader.channels.get(name, { cipher: { key } });
+    channel.subscribe((message) => decrypted.push(view(message)));
+    await channel.attach();
+    const plain = eavesdropper.channels.get(name);
+    plain.subscribe((message) => raw.push(view(message)));
+    await plain.attach();
+    const secret = { text: 'über geheim ✓', n: [1, 2, 3] };
+    await writer.channels.get(name, { cipher: { key } }).publish('s', secret);
+    await until(() => decrypted.length === 1 && raw.length === 1, 'encrypted message');
+    const history = await reader.channels.get(name).history();
+    await reader.close();
+    await writer.close();
+    await eavesdropper.close();
+    return { decrypted, raw, history: history.messages.map(view), secret };
+  },
+};
+
+const scenario = scenarios[process.argv[2]];
+if (!scenario) {
+  console.error(`unknown scenario ${process.argv[2]}`);
+  process.exit(2);
+}
+const result = await Promise.race([scenario(), deadline(45000, process.argv[2])]);
+console.log(JSON.stringify(result));
+process.exit(0);
