@@ -243,6 +243,7 @@ class Connection:
                     channel,
                     limit=_MAX_FETCH,
                     from_serial=frame.last_serial,
+                    message_id="" if frame.last_serial else frame.last_message_id,
                 )
             )
         except BaseException:
@@ -272,7 +273,12 @@ class Connection:
             if isinstance(frame, HistoryFrame):
                 limit = min(frame.limit or _DEFAULT_HISTORY_LIMIT, _MAX_HISTORY_LIMIT)
                 query = HistoryQuery(
-                    HistoryOp.HISTORY, identity.app, frame.channel, limit, frame.before
+                    HistoryOp.HISTORY,
+                    identity.app,
+                    frame.channel,
+                    limit,
+                    frame.before,
+                    message_id="" if frame.before else frame.start,
                 )
                 result = await self.services.history.query(query)
                 self.send(

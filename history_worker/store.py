@@ -105,29 +105,52 @@ class StreamReader:
         return low.sequence
 
     async def read(self, subject: str, start_sequence: int, first: int, last: int) -> list[Message]:
-        """Messages with serials ``first..last`` reading forward from ``start_sequence``."""
-        count = last - first + 1
-        if count <= 0:
-            return []
+        """Messages with serials ``first..last``, reading forward from ``start_sequence``."""
         messages: list[Message] = []
+        sequence = start_sequence
+        while len(messages) < last - first + 1:
+            wanted = min(last - first + 1 - len(messages) + 1, _MAX_BATCH)
+            batch = await self._batch(subject, sequence, wanted)
+            for stored, data in batch:
+                if first <= stored.serial <= last:
+                    messages.append(decode_member(data).with_serial(stored.serial))
+            if len(batch) < wanted or (messages and messages[-1].serial >= last):
+                break
+            sequence = batch[-1][0].sequence + 1
+        return messages
+
+    async def find_serial(self, subject: str, bounds: ChannelBounds, message_id: str) -> int:
+        """The serial of the retained message whose id is ``message_id`` (0 if none).
+
+        Only legacy JSON clients resume and page by message id; this scans the channel
+        forward, which retention bounds (``RT_RETENTION_MAX_PER_CHANNEL``).
+        """
+        sequence = bounds.oldest.sequence
+        while True:
+            batch = await self._batch(subject, sequence, _MAX_BATCH)
+            for stored, data in batch:
+                if decode_member(data).message_id == message_id:
+                    return stored.serial
+            if len(batch) < _MAX_BATCH:
+                return 0
+            sequence = batch[-1][0].sequence + 1
+
+    async def _batch(
+        self, subject: str, start_sequence: int, count: int
+    ) -> list[tuple[_Stored, bytes]]:
+        """Up to ``count`` stored messages of ``subject`` from ``start_sequence`` on, in one
+        batched direct get (the server ends the batch with a status message)."""
+        found: list[tuple[_Stored, bytes]] = []
         inbox = self._nc.new_inbox()
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        # Every message before ``first`` that the start may include is skipped below.
-        request = {
-            "seq": start_sequence,
-            "next_by_subj": subject,
-            "batch": min(count + 1, _MAX_BATCH + 1),
-        }
+        request = {"seq": start_sequence, "next_by_subj": subject, "batch": count}
 
         async def on_reply(msg: Msg) -> None:
-            headers = msg.headers or {}
-            if headers.get("Status"):
+            if msg.headers and msg.headers.get("Status"):
                 if not done.done():
                     done.set_result(None)
                 return
-            serial = int(headers.get(SERIAL_HEADER, 0))
-            if first <= serial <= last:
-                messages.append(decode_member(msg.data).with_serial(serial))
+            found.append((self._stored(msg), msg.data))
 
         subscription = await self._nc.subscribe(inbox, cb=on_reply)
         try:
@@ -137,4 +160,4 @@ class StreamReader:
             await asyncio.wait_for(done, self._timeout)
         finally:
             await subscription.unsubscribe()
-        return messages
+        return found

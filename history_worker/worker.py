@@ -37,12 +37,23 @@ class HistoryService:
         oldest = bounds.oldest.serial if bounds else 0
         newest = bounds.newest.serial if bounds else 0
         limit = min(query.limit or _MAX_PAGE, _MAX_PAGE)
+        cursor = query.before if query.op is HistoryOp.HISTORY else query.from_serial
+        if query.message_id:
+            # Legacy JSON cursor: the serial of the named message; unknown ids page nothing
+            # and resume nothing (resumed:false).
+            found = 0
+            if bounds is not None:
+                message_id = history.strip_member_suffix(query.message_id)
+                found = await self._reader.find_serial(subject, bounds, message_id)
+            if not found:
+                return HistoryResult((), False)
+            cursor = found
         if query.op is HistoryOp.HISTORY:
-            span = history.history_range(oldest, newest, query.before, limit)
+            span = history.history_range(oldest, newest, cursor, limit)
         elif query.op is HistoryOp.FETCH:
-            span = history.fetch_range(oldest, newest, query.from_serial, limit)
+            span = history.fetch_range(oldest, newest, cursor, limit)
         else:
-            span = history.resume_range(oldest, newest, query.from_serial, limit)
+            span = history.resume_range(oldest, newest, cursor, limit)
         if not span.count or bounds is None:
             return HistoryResult((), span.flag)
         start = await self._reader.sequence_of(subject, bounds, span.first)

@@ -30,6 +30,7 @@ __all__ = [
     "fetch_range",
     "history_range",
     "resume_range",
+    "strip_member_suffix",
 ]
 
 ERROR_HEADER = "Rt-Error"
@@ -54,6 +55,8 @@ class HistoryQuery:
     limit: int = 0
     before: int = 0
     from_serial: int = 0
+    # Legacy JSON clients name a message instead of a serial (``lastMessageId``, ``start``).
+    message_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +119,12 @@ def resume_range(oldest: int, newest: int, last_serial: int, cap: int) -> Serial
     return fetch_range(oldest, newest, last_serial, cap)
 
 
+def strip_member_suffix(message_id: str) -> str:
+    """A batch member's id is ``<batchId>:<index>``; the stored record has ``batchId``."""
+    base, colon, index = message_id.rpartition(":")
+    return base if colon and index.isdigit() and base else message_id
+
+
 def encode_query(query: HistoryQuery) -> bytes:
     """Encode a query for the NATS request."""
     return orjson.dumps(
@@ -126,6 +135,7 @@ def encode_query(query: HistoryQuery) -> bytes:
             "limit": query.limit,
             "before": query.before,
             "fromSerial": query.from_serial,
+            "messageId": query.message_id,
         }
     )
 
@@ -141,6 +151,7 @@ def decode_query(data: bytes) -> HistoryQuery:
             int(value.get("limit", 0)),
             int(value.get("before", 0)),
             int(value.get("fromSerial", 0)),
+            str(value.get("messageId", "")),
         )
     except (orjson.JSONDecodeError, KeyError, ValueError, TypeError) as error:
         raise ProtocolError(ErrorCode.BAD_FRAME, f"malformed history query: {error}") from None

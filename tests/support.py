@@ -160,6 +160,18 @@ def start_service(command: str, nats_url: str, port: int = 0, **env: str) -> Ser
     return Service(process, port, log_file.name)
 
 
+def wait_for_log(service: Service, text: str, timeout: float = 20.0) -> None:
+    """Block until ``text`` appears in ``service``'s log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in service.log():
+            return
+        if service.process.poll() is not None:
+            raise RuntimeError(f"service exited:\n{service.log()[-2000:]}")
+        time.sleep(0.05)
+    raise TimeoutError(f"{text!r} not logged:\n{service.log()[-2000:]}")
+
+
 @dataclass
 class Cluster:
     """NATS, two gateways and a history worker, all real processes."""
@@ -190,6 +202,7 @@ def running_cluster(**env: str) -> Iterator[Cluster]:
         services.append(worker)
         for gateway in gateways:
             wait_ready(gateway.port)
+        wait_for_log(worker, "history worker serving")
         yield Cluster(nats, gateways, worker)
     finally:
         for service in services:

@@ -70,3 +70,19 @@ def test_encrypted_channel_round_trips_verbatim(cluster: Cluster) -> None:
     assert raw["encoding"] == "cipher+aes-256-gcm/base64"
     assert isinstance(raw["data"], str) and "geheim" not in raw["data"]
     assert [m["data"] for m in result["history"]] == [result["secret"]]
+
+
+def test_history_pages_back_to_the_beginning(cluster: Cluster) -> None:
+    pages = scenario(cluster, "history-paging")["pages"]
+    assert [page["more"] for page in pages] == [True, True, False]
+    data = [value for page in reversed(pages) for value in page["data"]]
+    assert data == list(range(25))
+    assert [seq for page in reversed(pages) for seq in page["seqs"]] == list(range(1, 26))
+
+
+def test_cut_tcp_connection_reconnects_and_receives_everything_missed(cluster: Cluster) -> None:
+    result = scenario(cluster, "tcp-cut")
+    assert result["received"] == list(range(30))  # every message once, in order
+    assert result["states"][:5] == ["connecting", "connected", "disconnected", "connecting",
+                                    "connected"]  # fmt: skip
+    assert result["sameConnectionId"] is True

@@ -1,0 +1,246 @@
+"""Durable messaging: contiguous serials under contention, exactly-once, resume, history
+worker failures and retention (issue 4)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.support import (
+    Cluster,
+    JsonClient,
+    json_client,
+    running_cluster,
+    start_nats,
+    start_service,
+    wait_ready,
+)
+
+
+def channel_name(prefix: str) -> str:
+    return f"{prefix}:{uuid.uuid4().hex[:10]}"
+
+
+async def publish_burst(client: JsonClient, channel: str, tag: str, count: int) -> list[int]:
+    """Send ``count`` publishes without waiting, then collect their acks in send order."""
+    first_id = client.next_id()
+    for index in range(count):
+        request_id = first_id + index
+        await client.send({"t": "pub", "id": request_id, "channel": channel, "name": tag,
+                           "data": index, "messageId": f"{tag}-{index}"})  # fmt: skip
+    client._next_id = first_id + count
+    serials: dict[int, int] = {}
+    while len(serials) < count:
+        frame = await client.receive(timeout=20)
+        if frame["t"] == "ack":
+            serials[frame["id"]] = frame["seq"]
+        assert frame["t"] != "err", frame
+    return [serials[first_id + index] for index in range(count)]
+
+
+async def collect(client: JsonClient, until_serial: int, timeout: float = 20) -> list[int]:
+    serials: list[int] = []
+    while not serials or serials[-1] < until_serial:
+        frame = await client.receive(timeout=timeout)
+        if frame["t"] == "msg":
+            serials.append(frame["seq"])
+    return serials
+
+
+async def test_four_publishers_two_gateways_subscriber_joins_and_resumes(cluster: Cluster) -> None:
+    channel = channel_name("hot")
+    per_publisher = 150
+    total = 4 * per_publisher
+    publishers = [await json_client(g.url, clientId=f"p{i}")
+                  for i, g in enumerate([cluster.a, cluster.b] * 2)]  # fmt: skip
+    seed = await publishers[0].request("pub", channel=channel, name="seed", data=0, messageId="s")
+    assert seed["seq"] == 1
+    total += 1
+    bursts = [
+        asyncio.create_task(publish_burst(p, channel, f"p{i}", per_publisher))
+        for i, p in enumerate(publishers)
+    ]
+    # Join mid-stream on A, resuming after serial 1, while the publishers hammer the channel.
+    await asyncio.sleep(0.05)
+    subscriber = await json_client(cluster.a.url)
+    first = await subscriber.request("sub", channel=channel, lastSerial=1)
+    assert first["resumed"] is True
+    seen = []
+    for frame in subscriber.backlog:
+        if frame["t"] == "msg":
+            seen.append(frame["seq"])
+    subscriber.backlog.clear()
+    while len(seen) < total // 2:
+        frame = await subscriber.receive(timeout=20)
+        if frame["t"] == "msg":
+            seen.append(frame["seq"])
+    await subscriber.close()
+    # Resume on the other gateway from the last serial seen.
+    resumed = await json_client(cluster.b.url)
+    ack = await resumed.request("sub", channel=channel, lastSerial=seen[-1])
+    assert ack["resumed"] is True
+    rest = [frame["seq"] for frame in resumed.backlog if frame["t"] == "msg"]
+    resumed.backlog.clear()
+    acked = [serial for burst in await asyncio.gather(*bursts) for serial in burst]
+    if not rest or rest[-1] < total:
+        rest += await collect(resumed, total)
+    assert seen + rest == list(range(2, total + 1)), "every serial once, in order"
+    assert sorted(acked) == list(range(2, total + 1))
+    for burst in bursts:
+        serials = burst.result()
+        assert serials == sorted(serials), "one connection's publishes keep their order"
+    history = await resumed.request("hist", channel=channel, limit=1000)
+    assert [m["seq"] for m in history["messages"]] == list(range(1, total + 1))
+    ids = [m["messageId"] for m in history["messages"]]
+    assert len(set(ids)) == total
+    for client in [*publishers, resumed]:
+        await client.close()
+
+
+async def test_resend_on_another_gateway_is_acked_with_the_same_serial(cluster: Cluster) -> None:
+    channel = channel_name("dedup")
+    watcher = await json_client(cluster.a.url)
+    await watcher.request("sub", channel=channel)
+    first = await json_client(cluster.a.url, clientId="resender")
+    second = await json_client(cluster.b.url, clientId="resender")
+    other = await json_client(cluster.b.url, clientId="someone-else")
+    one = await first.request("pub", channel=channel, name="n", data=1, messageId="same")
+    two = await second.request("pub", channel=channel, name="n", data=1, messageId="same")
+    # Another client's identical messageId is its own message (dedup is per clientId).
+    three = await other.request("pub", channel=channel, name="n", data=2, messageId="same")
+    assert (one["seq"], two["seq"], three["seq"]) == (1, 1, 2)
+    messages = [await watcher.receive_until("msg") for _ in range(2)]
+    assert [(m["seq"], m["clientId"]) for m in messages] == [(1, "resender"), (2, "someone-else")]
+    with pytest.raises(asyncio.TimeoutError):
+        await watcher.receive_until("msg", timeout=0.3)
+    for client in (watcher, first, second, other):
+        await client.close()
+
+
+async def test_resume_flags_and_replay(cluster: Cluster) -> None:
+    channel = channel_name("resume")
+    publisher = await json_client(cluster.b.url)
+    for index in range(6):
+        await publisher.request("pub", channel=channel, name="n", data=index, messageId=f"r{index}")
+    client = await json_client(cluster.a.url)
+    ack = await client.request("sub", channel=channel, lastSerial=3)
+    assert ack["resumed"] is True
+    assert [f["seq"] for f in client.backlog if f["t"] == "msg"] == [4, 5, 6]
+    client.backlog.clear()
+    # Up to date: resumed, nothing replayed.
+    ack = await client.request("sub", channel=channel, lastSerial=6)
+    assert ack["resumed"] is True and not client.backlog
+    # A cursor above anything stored means the server lost state the client saw.
+    ack = await client.request("sub", channel=channel, lastSerial=60)
+    assert ack["resumed"] is False and not client.backlog
+    # No cursor: no resumed flag at all.
+    assert await client.request("sub", channel=channel) == {"t": "ack", "id": client._next_id}
+    # Live delivery continues exactly once after all those repeated subs.
+    await publisher.request("pub", channel=channel, name="n", data=6, messageId="r6")
+    assert (await client.receive_until("msg"))["seq"] == 7
+    with pytest.raises(asyncio.TimeoutError):
+        await client.receive_until("msg", timeout=0.3)
+    await client.close()
+    await publisher.close()
+
+
+async def test_legacy_json_cursors_by_message_id(cluster: Cluster) -> None:
+    channel = channel_name("legacy")
+    publisher = await json_client(cluster.b.url)
+    for index in range(4):
+        await publisher.request("pub", channel=channel, name="n", data=index, messageId=f"L{index}")
+    await publisher.request("pub", channel=channel, messageId="B",
+                            messages=[{"name": "a", "data": 1}, {"name": "b", "data": 2}])  # fmt: skip
+    client = await json_client(cluster.a.url)
+    ack = await client.request("sub", channel=channel, lastMessageId="L1")
+    assert ack["resumed"] is True
+    assert [f["messageId"] for f in client.backlog if f["t"] == "msg"] == ["L2", "L3", "B"]
+    client.backlog.clear()
+    ack = await client.request("sub", channel=channel, lastMessageId="B:1")
+    assert ack["resumed"] is True and not client.backlog
+    ack = await client.request("sub", channel=channel, lastMessageId="unknown")
+    assert ack["resumed"] is False and not client.backlog
+    page = await client.request("hist", channel=channel, start="L3")
+    assert [m["messageId"] for m in page["messages"]] == ["L0", "L1", "L2"]
+    await client.close()
+    await publisher.close()
+
+
+async def test_fetch_fills_gaps_and_caps(cluster: Cluster) -> None:
+    channel = channel_name("fetch")
+    client = await json_client(cluster.a.url)
+    for index in range(3):
+        await client.request("pub", channel=channel, name="n", data=index, messageId=f"f{index}")
+    result = await client.request("fetch", channel=channel, fromSerial=1)
+    assert [m["seq"] for m in result["messages"]] == [2, 3] and result["resumed"] is True
+    result = await client.request("fetch", channel=channel, fromSerial=50)
+    assert result["messages"] == [] and result["resumed"] is True
+    await client.close()
+
+
+async def test_resume_connection_id_is_kept(cluster: Cluster) -> None:
+    client = await JsonClient.connect(cluster.a.url)
+    connected = await client.auth(key="app1.main:secret-one", clientId="keeper")
+    await client.close()
+    again = await JsonClient.connect(cluster.a.url)
+    resumed = await again.auth(
+        key="app1.main:secret-one", clientId="keeper", resumeConnectionId=connected["connectionId"]
+    )
+    assert resumed["connectionId"] == connected["connectionId"]
+    # Another identity cannot take over a live connection's id.
+    thief = await JsonClient.connect(cluster.a.url)
+    other = await thief.auth(
+        key="app1.main:secret-one", clientId="thief", resumeConnectionId=connected["connectionId"]
+    )
+    assert other["connectionId"] != connected["connectionId"]
+    await again.close()
+    await thief.close()
+
+
+# ---- a cluster with tiny retention, and one with no history worker ----
+
+
+@pytest.fixture(scope="module")
+def tiny_cluster() -> Iterator[Cluster]:
+    with running_cluster(RT_RETENTION_MAX_PER_CHANNEL="5", RT_REQUEST_TIMEOUT_S="1") as running:
+        yield running
+
+
+async def test_retention_ages_out_cursors(tiny_cluster: Cluster) -> None:
+    channel = channel_name("retained")
+    client = await json_client(tiny_cluster.a.url)
+    for index in range(12):
+        await client.request("pub", channel=channel, name="n", data=index, messageId=f"t{index}")
+    page = await client.request("hist", channel=channel)
+    assert page["t"] == "histRes", page
+    assert [m["seq"] for m in page["messages"]] == [8, 9, 10, 11, 12] and "more" not in page
+    ack = await client.request("sub", channel=channel, lastSerial=3)
+    assert ack["resumed"] is False and not [f for f in client.backlog if f["t"] == "msg"]
+    ack = await client.request("sub", channel=channel, lastSerial=7)
+    assert ack["resumed"] is True
+    assert [f["seq"] for f in client.backlog if f["t"] == "msg"] == [8, 9, 10, 11, 12]
+    gone = await client.request("fetch", channel=channel, fromSerial=2)
+    assert gone["resumed"] is False and gone["messages"] == []
+    await client.close()
+
+
+async def test_no_history_worker_gives_50000_not_a_hang() -> None:
+    nats = start_nats()
+    gateway = start_service("gateway", nats.url, RT_REQUEST_TIMEOUT_S="0.5")
+    try:
+        wait_ready(gateway.port)
+        client = await json_client(gateway.url)
+        started = asyncio.get_running_loop().time()
+        for frame in ({"channel": "c"}, {"channel": "c", "fromSerial": 0}):
+            kind = "hist" if "fromSerial" not in frame else "fetch"
+            reply: dict[str, Any] = await client.request(kind, **frame)
+            assert reply["t"] == "err" and reply["code"] == 50000, reply
+        assert asyncio.get_running_loop().time() - started < 3
+        await client.close()
+    finally:
+        gateway.stop()
+        nats.stop()
