@@ -84,9 +84,17 @@ class Message:
     def with_serial(self, serial: int) -> Message:
         """This message with its stored serial (the stored form carries serial 0)."""
         return Message(
-            self.channel, self.name, self.data, self.message_id, self.client_id,
-            self.timestamp, self.encoding, serial, self.ephemeral, self.members,
-        )  # fmt: skip
+            self.channel,
+            self.name,
+            self.data,
+            self.message_id,
+            self.client_id,
+            self.timestamp,
+            self.encoding,
+            serial,
+            self.ephemeral,
+            self.members,
+        )
 
 
 # ---- client to server ----

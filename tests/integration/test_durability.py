@@ -30,8 +30,16 @@ async def publish_burst(client: JsonClient, channel: str, tag: str, count: int) 
     first_id = client.next_id()
     for index in range(count):
         request_id = first_id + index
-        await client.send({"t": "pub", "id": request_id, "channel": channel, "name": tag,
-                           "data": index, "messageId": f"{tag}-{index}"})  # fmt: skip
+        await client.send(
+            {
+                "t": "pub",
+                "id": request_id,
+                "channel": channel,
+                "name": tag,
+                "data": index,
+                "messageId": f"{tag}-{index}",
+            }
+        )
     client._next_id = first_id + count
     serials: dict[int, int] = {}
     while len(serials) < count:
@@ -55,8 +63,9 @@ async def test_four_publishers_two_gateways_subscriber_joins_and_resumes(cluster
     channel = channel_name("hot")
     per_publisher = 150
     total = 4 * per_publisher
-    publishers = [await json_client(g.url, clientId=f"p{i}")
-                  for i, g in enumerate([cluster.a, cluster.b] * 2)]  # fmt: skip
+    publishers = [
+        await json_client(g.url, clientId=f"p{i}") for i, g in enumerate([cluster.a, cluster.b] * 2)
+    ]
     seed = await publishers[0].request("pub", channel=channel, name="seed", data=0, messageId="s")
     assert seed["seq"] == 1
     total += 1
@@ -153,8 +162,12 @@ async def test_legacy_json_cursors_by_message_id(cluster: Cluster) -> None:
     publisher = await json_client(cluster.b.url)
     for index in range(4):
         await publisher.request("pub", channel=channel, name="n", data=index, messageId=f"L{index}")
-    await publisher.request("pub", channel=channel, messageId="B",
-                            messages=[{"name": "a", "data": 1}, {"name": "b", "data": 2}])  # fmt: skip
+    await publisher.request(
+        "pub",
+        channel=channel,
+        messageId="B",
+        messages=[{"name": "a", "data": 1}, {"name": "b", "data": 2}],
+    )
     client = await json_client(cluster.a.url)
     ack = await client.request("sub", channel=channel, lastMessageId="L1")
     assert ack["resumed"] is True

@@ -83,6 +83,11 @@ def test_history_pages_back_to_the_beginning(cluster: Cluster) -> None:
 def test_cut_tcp_connection_reconnects_and_receives_everything_missed(cluster: Cluster) -> None:
     result = scenario(cluster, "tcp-cut")
     assert result["received"] == list(range(30))  # every message once, in order
-    assert result["states"][:5] == ["connecting", "connected", "disconnected", "connecting",
-                                    "connected"]  # fmt: skip
+    assert result["states"][:5] == [
+        "connecting",
+        "connected",
+        "disconnected",
+        "connecting",
+        "connected",
+    ]
     assert result["sameConnectionId"] is True
