@@ -5,8 +5,12 @@ Serials: each channel has its own subject in one stream. A publish carries
 the next serial in the ``Rt-Serial`` header, so JetStream stores it only if no other publisher
 got in first; on conflict (error 10071) we re-read the channel's last message and retry.
 Serials are therefore contiguous per channel across any number of gateways, and survive
-restarts (they live in the stream). Within one gateway, publishes to one channel are queued
-behind a per-channel lock so they do not conflict with each other, and they keep arrival order.
+restarts (they live in the stream).
+
+Within one gateway, publishes to one channel wait in a FIFO queue drained by one task: they
+never conflict with each other and keep arrival order. What queues up while a store is in
+flight leaves as one JetStream atomic batch (expected sequence on its first message, serials
+tail+1, tail+2, ...), so a hot channel costs one round trip per group, not per message.
 """
 
 from __future__ import annotations
@@ -14,12 +18,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import OrderedDict
-from collections.abc import AsyncIterator
+import random
+import uuid
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 import nats
+import orjson
 from nats.aio.client import Client as NatsClient
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import (
     DiscardPolicy,
@@ -43,8 +50,12 @@ log = logging.getLogger(__name__)
 
 _WRONG_LAST_SEQUENCE = 10071
 _STREAM_NAME_IN_USE = 10058
-_MAX_PUBLISH_ATTEMPTS = 50
+_BATCH_HAS_DUPLICATE = 10201
+_MAX_PUBLISH_ATTEMPTS = 100
 _CACHED_CHANNELS = 100_000
+# A group is sent as one atomic batch; JetStream caps batches at 1,000 messages.
+_MAX_GROUP_MESSAGES = 256
+_MAX_GROUP_BYTES = 512 * 1024
 
 
 def dedup_id(app: str, channel: str, client_id: str, message_id: str) -> str:
@@ -60,26 +71,23 @@ class _ChannelTail:
     dedup_id: str = ""
 
 
-class _KeyedLocks:
-    """One FIFO lock per key, dropped when nobody holds or waits for it."""
+@dataclass(slots=True)
+class _Pending:
+    """One durable publish waiting in its channel's queue."""
+
+    payload: bytes
+    dedup_id: str
+    serial: asyncio.Future[int]
+
+
+class _ChannelQueue:
+    """Publishes waiting for one channel, in arrival order, drained by one task at a time."""
+
+    __slots__ = ("draining", "waiting")
 
     def __init__(self) -> None:
-        self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
-
-    @contextlib.asynccontextmanager
-    async def hold(self, key: str) -> AsyncIterator[None]:
-        entry = self._locks.get(key)
-        if entry is None:
-            entry = self._locks[key] = (asyncio.Lock(), [0])
-        lock, users = entry
-        users[0] += 1
-        try:
-            async with lock:
-                yield
-        finally:
-            users[0] -= 1
-            if not users[0]:
-                del self._locks[key]
+        self.waiting: deque[_Pending] = deque()
+        self.draining = False
 
 
 class Broker:
@@ -91,7 +99,8 @@ class Broker:
         self.js: JetStreamContext | None = None
         self.ready = asyncio.Event()
         self._tails: OrderedDict[str, _ChannelTail] = OrderedDict()
-        self._locks = _KeyedLocks()
+        self._queues: dict[str, _ChannelQueue] = {}
+        self._drains: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
 
     # ---- lifecycle ----
@@ -177,14 +186,102 @@ class Broker:
             await nc.publish(subjects.live_subject(app, message.channel), payload)
             return 0
         subject = subjects.stored_subject(app, message.channel)
-        message_dedup_id = dedup_id(app, message.channel, message.client_id, message.message_id)
-        async with self._locks.hold(subject):
-            return await self._store(subject, payload, message_dedup_id)
+        pending = _Pending(
+            payload,
+            dedup_id(app, message.channel, message.client_id, message.message_id),
+            asyncio.get_running_loop().create_future(),
+        )
+        queue = self._queues.get(subject)
+        if queue is None:
+            queue = self._queues[subject] = _ChannelQueue()
+        queue.waiting.append(pending)
+        if not queue.draining:
+            queue.draining = True
+            task = asyncio.create_task(self._drain(subject, queue))
+            self._drains.add(task)
+            task.add_done_callback(self._drains.discard)
+        return await pending.serial
+
+    async def _drain(self, subject: str, queue: _ChannelQueue) -> None:
+        """Store the channel's queued publishes, each group in one round trip, until none
+        are left. Whatever queues up while a group is in flight forms the next group."""
+        try:
+            while queue.waiting:
+                group = _take_group(queue.waiting)
+                try:
+                    if len(group) == 1:
+                        serials = [await self._store(subject, group[0].payload, group[0].dedup_id)]
+                    else:
+                        serials = await self._store_batch(subject, group)
+                except Exception as error:
+                    for pending in group:
+                        if not pending.serial.done():
+                            pending.serial.set_exception(error)
+                    continue
+                for pending, serial in zip(group, serials, strict=True):
+                    if not pending.serial.done():
+                        pending.serial.set_result(serial)
+        finally:
+            queue.draining = False
+            if self._queues.get(subject) is queue and not queue.waiting:
+                del self._queues[subject]
+
+    async def _store_batch(self, subject: str, group: list[_Pending]) -> list[int]:
+        """Store ``group`` as one atomic batch: all or none, serials ``tail+1 ..``.
+
+        Only the first message carries the expected-sequence check (JetStream allows it only
+        there), which is enough: the batch commits atomically. A resend inside the group makes
+        JetStream reject the whole batch (10201); then each is stored alone, which reports
+        duplicates properly.
+        """
+        nc = self.client()
+        timeout = self.settings.request_timeout_s
+        last_index = len(group) - 1
+        for attempt in range(_MAX_PUBLISH_ATTEMPTS):
+            tail = self._tails.get(subject) or await self._load_tail(subject)
+            batch_id = uuid.uuid4().hex
+            for index, pending in enumerate(group):
+                headers = {
+                    "Nats-Msg-Id": pending.dedup_id,
+                    SERIAL_HEADER: str(tail.serial + 1 + index),
+                    "Nats-Batch-Id": batch_id,
+                    "Nats-Batch-Sequence": str(index + 1),
+                }
+                if index == 0:
+                    headers["Nats-Expected-Last-Subject-Sequence"] = str(tail.stream_sequence)
+                if index < last_index:
+                    await nc.publish(subject, pending.payload, headers=headers)
+                    continue
+                headers["Nats-Batch-Commit"] = "1"
+                try:
+                    reply = await nc.request(
+                        subject, pending.payload, timeout=timeout, headers=headers
+                    )
+                    answer = orjson.loads(reply.data)
+                except (TimeoutError, NatsTimeoutError, orjson.JSONDecodeError):
+                    answer = {"error": {"err_code": _WRONG_LAST_SEQUENCE}}
+            error = answer.get("error")
+            if error is None:
+                last_serial = tail.serial + len(group)
+                self._remember(subject, _ChannelTail(int(answer["seq"]), last_serial))
+                return list(range(tail.serial + 1, last_serial + 1))
+            code = error.get("err_code")
+            if code == _BATCH_HAS_DUPLICATE:
+                return [await self._store(subject, p.payload, p.dedup_id) for p in group]
+            if code != _WRONG_LAST_SEQUENCE:
+                raise ProtocolError(ErrorCode.SERVER, f"batch not stored: {error}")
+            # Someone else stored first, or our commit did land and its reply was lost.
+            self._tails.pop(subject, None)
+            fresh = await self._load_tail(subject)
+            if fresh.dedup_id == group[-1].dedup_id:
+                return list(range(fresh.serial - last_index, fresh.serial + 1))
+            await _back_off(attempt)
+        raise ProtocolError(ErrorCode.SERVER, "channel too contended, publish not stored")
 
     async def _store(self, subject: str, payload: bytes, message_dedup_id: str) -> int:
         assert self.js is not None
         timeout = self.settings.request_timeout_s
-        for _ in range(_MAX_PUBLISH_ATTEMPTS):
+        for attempt in range(_MAX_PUBLISH_ATTEMPTS):
             tail = self._tails.get(subject) or await self._load_tail(subject)
             serial = tail.serial + 1
             headers = {
@@ -203,6 +300,7 @@ class Broker:
                 fresh = await self._load_tail(subject)
                 if fresh.dedup_id == message_dedup_id:
                     return fresh.serial
+                await _back_off(attempt)
                 continue
             if ack.duplicate:
                 return await self._serial_at(ack.seq)
@@ -238,6 +336,25 @@ class Broker:
             self._tails.popitem(last=False)
 
 
+async def _back_off(attempt: int) -> None:
+    """After losing a race for a channel's tail: gateways that retry in lockstep would keep
+    colliding, so wait a random, growing moment (at most 50 ms); meanwhile more publishes
+    queue up and the next try stores them all in one batch."""
+    if attempt:
+        await asyncio.sleep(random.uniform(0, min(0.05, 0.0005 * 2**attempt)))
+
+
+def _take_group(waiting: deque[_Pending]) -> list[_Pending]:
+    group = [waiting.popleft()]
+    size = len(group[0].payload)
+    while waiting and len(group) < _MAX_GROUP_MESSAGES:
+        size += len(waiting[0].payload)
+        if size > _MAX_GROUP_BYTES:
+            break
+        group.append(waiting.popleft())
+    return group
+
+
 async def bootstrap(js: JetStreamContext, settings: Settings) -> None:
     """Create or update the message stream and the presence bucket.
 
@@ -250,6 +367,7 @@ async def bootstrap(js: JetStreamContext, settings: Settings) -> None:
         subjects=[source],
         republish=RePublish(src=source, dest=live),
         allow_direct=True,
+        allow_atomic=True,
         storage=StorageType.FILE,
         num_replicas=settings.stream_replicas,
         discard=DiscardPolicy.OLD,

@@ -53,7 +53,7 @@ async def test_gateway_retries_until_nats_is_up() -> None:
 
 
 async def test_gateway_refuses_to_start_without_keys() -> None:
-    gateway = start_service("gateway", "nats://127.0.0.1:1", RT_API_KEYS="")
+    gateway = start_service("gateway", "nats://127.0.0.1:1", env={"RT_API_KEYS": ""})
     code = await asyncio.to_thread(gateway.process.wait, 10)
     assert code == 2
     assert "no API key configured" in gateway.log()

@@ -25,28 +25,32 @@ def channel_name(prefix: str) -> str:
     return f"{prefix}:{uuid.uuid4().hex[:10]}"
 
 
-async def publish_burst(client: JsonClient, channel: str, tag: str, count: int) -> list[int]:
-    """Send ``count`` publishes without waiting, then collect their acks in send order."""
+async def publish_burst(
+    client: JsonClient, channel: str, tag: str, count: int, window: int = 8
+) -> list[int]:
+    """Publish ``count`` messages keeping ``window`` unacknowledged; return the serials
+    acked, in send order."""
     first_id = client.next_id()
-    for index in range(count):
-        request_id = first_id + index
-        await client.send(
-            {
-                "t": "pub",
-                "id": request_id,
-                "channel": channel,
-                "name": tag,
-                "data": index,
-                "messageId": f"{tag}-{index}",
-            }
-        )
     client._next_id = first_id + count
     serials: dict[int, int] = {}
+    sent = 0
     while len(serials) < count:
+        while sent < count and sent - len(serials) < window:
+            await client.send(
+                {
+                    "t": "pub",
+                    "id": first_id + sent,
+                    "channel": channel,
+                    "name": tag,
+                    "data": sent,
+                    "messageId": f"{tag}-{sent}",
+                }
+            )
+            sent += 1
         frame = await client.receive(timeout=20)
+        assert frame["t"] != "err", frame
         if frame["t"] == "ack":
             serials[frame["id"]] = frame["seq"]
-        assert frame["t"] != "err", frame
     return [serials[first_id + index] for index in range(count)]
 
 
@@ -61,7 +65,7 @@ async def collect(client: JsonClient, until_serial: int, timeout: float = 20) ->
 
 async def test_four_publishers_two_gateways_subscriber_joins_and_resumes(cluster: Cluster) -> None:
     channel = channel_name("hot")
-    per_publisher = 150
+    per_publisher = 400
     total = 4 * per_publisher
     publishers = [
         await json_client(g.url, clientId=f"p{i}") for i, g in enumerate([cluster.a, cluster.b] * 2)
@@ -74,7 +78,7 @@ async def test_four_publishers_two_gateways_subscriber_joins_and_resumes(cluster
         for i, p in enumerate(publishers)
     ]
     # Join mid-stream on A, resuming after serial 1, while the publishers hammer the channel.
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.02)
     subscriber = await json_client(cluster.a.url)
     first = await subscriber.request("sub", channel=channel, lastSerial=1)
     assert first["resumed"] is True
@@ -95,17 +99,19 @@ async def test_four_publishers_two_gateways_subscriber_joins_and_resumes(cluster
     rest = [frame["seq"] for frame in resumed.backlog if frame["t"] == "msg"]
     resumed.backlog.clear()
     acked = [serial for burst in await asyncio.gather(*bursts) for serial in burst]
-    if not rest or rest[-1] < total:
+    if (seen + rest)[-1] < total:
         rest += await collect(resumed, total)
+    assert seen[0] == 2 and rest, "the subscriber joined and resumed while publishing went on"
     assert seen + rest == list(range(2, total + 1)), "every serial once, in order"
     assert sorted(acked) == list(range(2, total + 1))
     for burst in bursts:
         serials = burst.result()
         assert serials == sorted(serials), "one connection's publishes keep their order"
-    history = await resumed.request("hist", channel=channel, limit=1000)
-    assert [m["seq"] for m in history["messages"]] == list(range(1, total + 1))
-    ids = [m["messageId"] for m in history["messages"]]
-    assert len(set(ids)) == total
+    newest = await resumed.request("hist", channel=channel, limit=1000)
+    older = await resumed.request("hist", channel=channel, limit=1000, before=total - 999)
+    stored = older["messages"] + newest["messages"]
+    assert [m["seq"] for m in stored] == list(range(1, total + 1))
+    assert len({m["messageId"] for m in stored}) == total
     for client in [*publishers, resumed]:
         await client.close()
 
@@ -219,7 +225,9 @@ async def test_resume_connection_id_is_kept(cluster: Cluster) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_cluster() -> Iterator[Cluster]:
-    with running_cluster(RT_RETENTION_MAX_PER_CHANNEL="5", RT_REQUEST_TIMEOUT_S="1") as running:
+    with running_cluster(
+        {"RT_RETENTION_MAX_PER_CHANNEL": "5", "RT_REQUEST_TIMEOUT_S": "1"}
+    ) as running:
         yield running
 
 
@@ -243,7 +251,7 @@ async def test_retention_ages_out_cursors(tiny_cluster: Cluster) -> None:
 
 async def test_no_history_worker_gives_50000_not_a_hang() -> None:
     nats = start_nats()
-    gateway = start_service("gateway", nats.url, RT_REQUEST_TIMEOUT_S="0.5")
+    gateway = start_service("gateway", nats.url, env={"RT_REQUEST_TIMEOUT_S": "0.5"})
     try:
         wait_ready(gateway.port)
         client = await json_client(gateway.url)
@@ -257,3 +265,35 @@ async def test_no_history_worker_gives_50000_not_a_hang() -> None:
     finally:
         gateway.stop()
         nats.stop()
+
+
+async def test_resend_pipelined_into_the_same_batch_is_stored_once(cluster: Cluster) -> None:
+    channel = channel_name("pipelined")
+    watcher = await json_client(cluster.b.url)
+    await watcher.request("sub", channel=channel)
+    client = await json_client(cluster.a.url, clientId="piper")
+    ids = ["a", "b", "a", "c", "b", "d"]
+    for index, message_id in enumerate(ids):
+        await client.send(
+            {
+                "t": "pub",
+                "id": 100 + index,
+                "channel": channel,
+                "name": "n",
+                "data": index,
+                "messageId": message_id,
+            }
+        )
+    acks: dict[int, int] = {}
+    while len(acks) < len(ids):
+        frame = await client.receive()
+        if frame["t"] == "ack":
+            acks[frame["id"]] = frame["seq"]
+    serials = [acks[100 + index] for index in range(len(ids))]
+    assert serials == [1, 2, 1, 3, 2, 4]
+    delivered = [await watcher.receive_until("msg") for _ in range(4)]
+    assert [m["messageId"] for m in delivered] == ["a", "b", "c", "d"]
+    with pytest.raises(asyncio.TimeoutError):
+        await watcher.receive_until("msg", timeout=0.3)
+    await client.close()
+    await watcher.close()
