@@ -14,6 +14,7 @@ from typing import Any
 
 import nats
 
+from bench.cpu import cpu_seconds
 from bench.loadgen import PublisherSpec, run_processes, shuffled
 from realtime.cluster import APP_KEY, Cluster, running_cluster
 
@@ -30,13 +31,22 @@ def _scenario(
         )
         for index in range(publishers)
     ]
+    processes = {
+        "gateway_a": cluster.a.process.pid,
+        "gateway_b": cluster.b.process.pid,
+        "nats": cluster.nats.pid,
+    }
+    before = {name: cpu_seconds(pid) for name, pid in processes.items()}
     reports = run_processes(specs)
+    cpu = {name: round(cpu_seconds(pid) - before[name], 2) for name, pid in processes.items()}
     acked = sum(r["acked"] for r in reports)
     seconds_taken = max(r["seconds"] for r in reports)
     result = {
         "acked": acked,
         "errors": sum(r["errors"] for r in reports),
         "rate": acked / seconds_taken,
+        "cpu_seconds": cpu,
+        "acked_per_publisher": [r["acked"] for r in reports],
     }
     if len(channels) == 1:
         # Contiguous serials: the highest serial acked equals the number of messages.

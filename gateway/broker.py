@@ -22,11 +22,12 @@ import random
 import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass
+from typing import Any
 
 import nats
 import orjson
 from nats.aio.client import Client as NatsClient
-from nats.errors import TimeoutError as NatsTimeoutError
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import (
     DiscardPolicy,
@@ -35,8 +36,9 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import APIError, BadRequestError, NotFoundError
+from nats.js.errors import BadRequestError, NotFoundError
 
+from gateway.requests import ReplyMux, RequestTimeout
 from shared import subjects
 from shared.binary_codec import encode_member
 from shared.errors import ErrorCode, ProtocolError
@@ -101,6 +103,7 @@ class Broker:
         self._tails: OrderedDict[str, _ChannelTail] = OrderedDict()
         self._queues: dict[str, _ChannelQueue] = {}
         self._drains: set[asyncio.Task[None]] = set()
+        self.requests: ReplyMux | None = None
         self._task: asyncio.Task[None] | None = None
 
     # ---- lifecycle ----
@@ -149,6 +152,8 @@ class Broker:
         )
         self.js = self.nc.jetstream(timeout=self.settings.request_timeout_s)
         await bootstrap(self.js, self.settings)
+        self.requests = ReplyMux(self.nc)
+        await self.requests.start()
         self.ready.set()
         log.info("NATS connected and streams ready (%s)", self.settings.nats_url)
 
@@ -186,21 +191,33 @@ class Broker:
             await nc.publish(subjects.live_subject(app, message.channel), payload)
             return 0
         subject = subjects.stored_subject(app, message.channel)
-        pending = _Pending(
-            payload,
-            dedup_id(app, message.channel, message.client_id, message.message_id),
-            asyncio.get_running_loop().create_future(),
-        )
+        message_dedup_id = dedup_id(app, message.channel, message.client_id, message.message_id)
         queue = self._queues.get(subject)
         if queue is None:
+            # Nothing in flight for this channel here: store inline, without a task.
             queue = self._queues[subject] = _ChannelQueue()
+            queue.draining = True
+            try:
+                return await self._store(subject, payload, message_dedup_id)
+            finally:
+                self._hand_off(subject, queue)
+        pending = _Pending(payload, message_dedup_id, asyncio.get_running_loop().create_future())
         queue.waiting.append(pending)
         if not queue.draining:
             queue.draining = True
+            self._hand_off(subject, queue)
+        return await pending.serial
+
+    def _hand_off(self, subject: str, queue: _ChannelQueue) -> None:
+        """Give what queued up meanwhile to a drain task, or retire the idle queue."""
+        if queue.waiting:
             task = asyncio.create_task(self._drain(subject, queue))
             self._drains.add(task)
             task.add_done_callback(self._drains.discard)
-        return await pending.serial
+        else:
+            queue.draining = False
+            if self._queues.get(subject) is queue:
+                del self._queues[subject]
 
     async def _drain(self, subject: str, queue: _ChannelQueue) -> None:
         """Store the channel's queued publishes, each group in one round trip, until none
@@ -235,7 +252,6 @@ class Broker:
         duplicates properly.
         """
         nc = self.client()
-        timeout = self.settings.request_timeout_s
         last_index = len(group) - 1
         for attempt in range(_MAX_PUBLISH_ATTEMPTS):
             tail = self._tails.get(subject) or await self._load_tail(subject)
@@ -253,13 +269,7 @@ class Broker:
                     await nc.publish(subject, pending.payload, headers=headers)
                     continue
                 headers["Nats-Batch-Commit"] = "1"
-                try:
-                    reply = await nc.request(
-                        subject, pending.payload, timeout=timeout, headers=headers
-                    )
-                    answer = orjson.loads(reply.data)
-                except (TimeoutError, NatsTimeoutError, orjson.JSONDecodeError):
-                    answer = {"error": {"err_code": _WRONG_LAST_SEQUENCE}}
+                answer = await self._request_ack(subject, pending.payload, headers)
             error = answer.get("error")
             if error is None:
                 last_serial = tail.serial + len(group)
@@ -279,8 +289,6 @@ class Broker:
         raise ProtocolError(ErrorCode.SERVER, "channel too contended, publish not stored")
 
     async def _store(self, subject: str, payload: bytes, message_dedup_id: str) -> int:
-        assert self.js is not None
-        timeout = self.settings.request_timeout_s
         for attempt in range(_MAX_PUBLISH_ATTEMPTS):
             tail = self._tails.get(subject) or await self._load_tail(subject)
             serial = tail.serial + 1
@@ -289,35 +297,51 @@ class Broker:
                 "Nats-Expected-Last-Subject-Sequence": str(tail.stream_sequence),
                 SERIAL_HEADER: str(serial),
             }
-            try:
-                ack = await self.js.publish(subject, payload, timeout=timeout, headers=headers)
-            except APIError as error:
-                if error.err_code != _WRONG_LAST_SEQUENCE:
-                    raise
-                # Another publisher stored first, or our earlier attempt did and its ack was
-                # lost (the sequence check runs before dedup): look at the channel's tail.
-                self._tails.pop(subject, None)
-                fresh = await self._load_tail(subject)
-                if fresh.dedup_id == message_dedup_id:
-                    return fresh.serial
-                await _back_off(attempt)
-                continue
-            if ack.duplicate:
-                return await self._serial_at(ack.seq)
-            self._remember(subject, _ChannelTail(ack.seq, serial))
-            return serial
+            answer = await self._request_ack(subject, payload, headers)
+            error = answer.get("error")
+            if error is None:
+                if answer.get("duplicate"):
+                    return await self._serial_at(int(answer["seq"]))
+                self._remember(subject, _ChannelTail(int(answer["seq"]), serial))
+                return serial
+            if error.get("err_code") != _WRONG_LAST_SEQUENCE:
+                raise ProtocolError(ErrorCode.SERVER, f"publish not stored: {error}")
+            # Another publisher stored first, or our earlier attempt did and its ack was
+            # lost (the sequence check runs before dedup): look at the channel's tail.
+            self._tails.pop(subject, None)
+            fresh = await self._load_tail(subject)
+            if fresh.dedup_id == message_dedup_id:
+                return fresh.serial
+            await _back_off(attempt)
         raise ProtocolError(ErrorCode.SERVER, "channel too contended, publish not stored")
 
-    async def _load_tail(self, subject: str) -> _ChannelTail:
-        assert self.js is not None
+    async def _request_ack(
+        self, subject: str, payload: bytes, headers: dict[str, str]
+    ) -> dict[str, Any]:
+        """Publish into the stream and return its JSON ack. A lost ack reads as a sequence
+        conflict, whose handling (look at the channel's tail) is exactly what a lost ack
+        needs."""
+        assert self.requests is not None
         try:
-            last = await self.js.get_last_msg(self.settings.stream_name, subject, direct=True)
-        except NotFoundError:
+            reply = await self.requests.request(
+                subject, payload, self.settings.request_timeout_s, headers
+            )
+            answer: dict[str, Any] = orjson.loads(reply.data)
+        except (RequestTimeout, orjson.JSONDecodeError):
+            return {"error": {"err_code": _WRONG_LAST_SEQUENCE}}
+        if reply.headers and reply.headers.get("Status") == "503":
+            raise ProtocolError(ErrorCode.BOOTSTRAP, "message stream not available")
+        return answer
+
+    async def _load_tail(self, subject: str) -> _ChannelTail:
+        assert self.requests is not None
+        reply = await self._direct_get(f"{self.settings.stream_name}.{subject}", b"")
+        headers = reply.headers or {}
+        if headers.get("Status") == "404":
             tail = _ChannelTail(0, 0)
         else:
-            headers = last.headers or {}
             tail = _ChannelTail(
-                int(last.seq or 0),
+                int(headers["Nats-Sequence"]),
                 int(headers.get(SERIAL_HEADER, 0)),
                 headers.get("Nats-Msg-Id", ""),
             )
@@ -325,9 +349,23 @@ class Broker:
         return tail
 
     async def _serial_at(self, stream_sequence: int) -> int:
-        assert self.js is not None
-        stored = await self.js.get_msg(self.settings.stream_name, stream_sequence, direct=True)
-        return int((stored.headers or {}).get(SERIAL_HEADER, 0))
+        reply = await self._direct_get(
+            self.settings.stream_name, orjson.dumps({"seq": stream_sequence})
+        )
+        return int((reply.headers or {}).get(SERIAL_HEADER, 0))
+
+    async def _direct_get(self, target: str, payload: bytes) -> Msg:
+        assert self.requests is not None
+        try:
+            reply = await self.requests.request(
+                f"$JS.API.DIRECT.GET.{target}", payload, self.settings.request_timeout_s
+            )
+        except RequestTimeout:
+            raise ProtocolError(ErrorCode.SERVER, "message stream did not answer") from None
+        status = (reply.headers or {}).get("Status")
+        if status and status != "404":
+            raise ProtocolError(ErrorCode.SERVER, f"stream read failed: status {status}")
+        return reply
 
     def _remember(self, subject: str, tail: _ChannelTail) -> None:
         self._tails[subject] = tail

@@ -64,11 +64,15 @@ class Outbox:
 
     async def get(self) -> list[bytes]:
         """Wait for frames; return them as WebSocket messages. Empty once closed and drained."""
-        while not self._items:
-            if self.closed:
-                return []
-            self._wakeup.clear()
-            await self._wakeup.wait()
+        if not self._items:
+            while not self._items:
+                if self.closed:
+                    return []
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            # Woken by the first frame: let the rest of this loop iteration's callbacks (other
+            # acks, the rest of a fan-out) queue theirs, so they leave in one write.
+            await asyncio.sleep(0)
         return self.take()
 
     def take(self) -> list[bytes]:

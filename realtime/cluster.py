@@ -99,6 +99,11 @@ class NatsServer:
     container: Any = None
     port: int = 0
 
+    @property
+    def pid(self) -> int:
+        """Process id of the server (0 when it runs in a container)."""
+        return self.process.pid if self.process is not None else 0
+
     def stop(self) -> None:
         if self.process is not None:
             self.process.terminate()
