@@ -416,19 +416,35 @@ async def bootstrap(js: JetStreamContext, settings: Settings) -> None:
         max_msg_size=-1,
     )
     await _create_or_update(js, stream)
+    # Per-key TTLs need allow_msg_ttl (nats-py sets it for buckets); limit markers make
+    # expiries visible to watchers, which is how a dead gateway's members leave.
     presence = KeyValueConfig(
         bucket=settings.presence_bucket,
         history=1,
         direct=True,
         replicas=settings.stream_replicas,
         storage=StorageType.FILE,
+        limit_marker_ttl=max(1.0, settings.presence_ttl_s),
     )
-    try:
-        await js.create_key_value(presence)
-    except BadRequestError as error:
-        # Created by another gateway with a config of an older release: keep theirs.
-        if error.err_code != _STREAM_NAME_IN_USE:
-            raise
+    for _ in range(5):
+        try:
+            await js.create_key_value(presence)
+            return
+        except BadRequestError as error:
+            if error.err_code != _STREAM_NAME_IN_USE:
+                raise
+        # It exists with another config (an older release, or a racing gateway that won):
+        # bring the settings that matter up to date.
+        try:
+            info = await js.stream_info(f"KV_{settings.presence_bucket}")
+        except NotFoundError:
+            continue
+        config = info.config
+        config.allow_msg_ttl = True
+        config.subject_delete_marker_ttl = presence.limit_marker_ttl
+        config.allow_direct = True
+        await js.update_stream(config)
+        return
 
 
 async def _create_or_update(js: JetStreamContext, config: StreamConfig) -> None:

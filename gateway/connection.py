@@ -20,6 +20,7 @@ from nats.errors import Error as NatsError
 from gateway.fanout import Delivery
 from gateway.metrics import METRICS
 from gateway.outbox import Outbox
+from gateway.presence import WatchReason
 from gateway.services import GatewayServices
 from shared.errors import ErrorCode, ProtocolError
 from shared.frames import (
@@ -40,6 +41,7 @@ from shared.frames import (
 )
 from shared.history import HistoryOp, HistoryQuery
 from shared.session import (
+    CLOSE_NORMAL,
     Authenticate,
     Close,
     Codec,
@@ -51,13 +53,9 @@ from shared.session import (
     SessionState,
 )
 
-__all__ = ["CLOSE_GOING_AWAY", "CLOSE_NORMAL", "CLOSE_TRY_AGAIN_LATER", "Connection"]
+__all__ = ["Connection"]
 
 log = logging.getLogger(__name__)
-
-CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001
-CLOSE_TRY_AGAIN_LATER = 1013
 
 _MAX_IN_FLIGHT = 256
 _MAX_REPLAY_BUFFER = 10_000
@@ -135,6 +133,11 @@ class Connection:
             METRICS.errors.labels(str(frame.code)).inc()
         self.outbox.put(self.session.encode(frame))
 
+    def send_encoded(self, binary: bytes, text: bytes) -> None:
+        """Queue a frame already encoded for both codecs (presence events: one encoding per
+        event, whatever the number of watchers)."""
+        self.outbox.put(text if self.session.codec is Codec.JSON else binary)
+
     def deliver(self, delivery: Delivery) -> None:
         """Queue a live message (called by the router for every subscriber)."""
         gates = self._replay_gates
@@ -175,6 +178,8 @@ class Connection:
             predecessor.close(CLOSE_NORMAL, "resumed by a new connection")
         services.registry.add(connection_id, self)
         self.send(session.accept(connection_id))
+        if connection_id == frame.resume_connection_id:
+            services.presence.resumed(self)
         if identity.expires_at is not None:
             delay = max(0.0, identity.expires_at - time.time())
             self._expiry = asyncio.get_running_loop().call_later(delay, self._token_expired)
@@ -213,10 +218,21 @@ class Connection:
             elif isinstance(frame, HistoryFrame | FetchFrame):
                 await self._in_flight.acquire()
                 self._spawn(self._history(frame))
-            elif isinstance(
-                frame, PresenceFrame | PresenceSubscribeFrame | PresenceUnsubscribeFrame
-            ):
-                raise ProtocolError(ErrorCode.SERVER, "presence is not available yet", frame.id)
+            elif isinstance(frame, PresenceFrame):
+                await self.services.presence.apply(
+                    self, frame.action, frame.channel, frame.data, frame.encoding
+                )
+                self.send(AckFrame(frame.id))
+            elif isinstance(frame, PresenceSubscribeFrame):
+                await self.services.presence.subscribe(
+                    self, self._app(), frame.channel, WatchReason.EXPLICIT
+                )
+                self.send(AckFrame(frame.id))
+            elif isinstance(frame, PresenceUnsubscribeFrame):
+                self.services.presence.unsubscribe(
+                    self, self._app(), frame.channel, (WatchReason.EXPLICIT,)
+                )
+                self.send(AckFrame(frame.id))
         except ProtocolError as error:
             self.send(ErrorFrame(int(error.code), error.message, frame.id))
         except (TimeoutError, NatsError) as error:
@@ -227,6 +243,10 @@ class Connection:
         identity = self.session.identity
         assert identity is not None
         channel = frame.channel
+        if self.session.codec is Codec.JSON:
+            await self.services.presence.subscribe(
+                self, identity.app, channel, WatchReason.IMPLICIT
+            )
         if not (frame.last_serial or frame.last_message_id):
             await self.services.router.add(identity.app, channel, self)
             self.send(AckFrame(frame.id))
@@ -264,6 +284,12 @@ class Connection:
         identity = self.session.identity
         assert identity is not None
         await self.services.router.remove(identity.app, frame.channel, self)
+        # unsub also ends the presence watcher and the membership (PROTOCOL.md 3.3, 9.5).
+        presence = self.services.presence
+        presence.unsubscribe(
+            self, identity.app, frame.channel, (WatchReason.EXPLICIT, WatchReason.IMPLICIT)
+        )
+        await presence.leave_channel(self, frame.channel)
         self.send(AckFrame(frame.id))
 
     async def _history(self, frame: HistoryFrame | FetchFrame) -> None:
@@ -308,8 +334,17 @@ class Connection:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def finish(self) -> None:
-        """Release everything the connection holds; call once its transport is gone."""
+    def _app(self) -> str:
+        identity = self.session.identity
+        assert identity is not None
+        return identity.app
+
+    async def finish(self, graceful: bool = False) -> None:
+        """Release everything the connection holds; call once its transport is gone.
+
+        ``graceful`` (the client closed cleanly) ends its presence at once; otherwise its
+        memberships wait out the grace period for a resume.
+        """
         if self._finished:
             return
         self._finished = True
@@ -320,7 +355,8 @@ class Connection:
         for task in list(self._tasks):
             task.cancel()
         identity = self.session.identity
-        if identity is not None:
+        if identity is not None and self.session.connection_id:
+            self.services.presence.connection_closed(self, graceful)
             self.services.registry.remove(self.session.connection_id, self)
             for channel in list(self.session.subscriptions):
                 with contextlib.suppress(Exception):

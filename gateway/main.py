@@ -8,8 +8,8 @@ import logging
 from aiohttp import web
 
 from gateway.app import create_app
-from gateway.connection import CLOSE_GOING_AWAY
 from gateway.services import GatewayServices
+from shared.session import CLOSE_GOING_AWAY
 from shared.settings import Settings
 
 __all__ = ["run_gateway"]
@@ -23,6 +23,7 @@ async def run_gateway(settings: Settings, stop: asyncio.Event) -> None:
     """Serve until ``stop`` is set, then close every connection with 1001 and exit."""
     services = GatewayServices.create(settings)
     services.broker.start()
+    presence = asyncio.create_task(services.presence.start(), name="presence")
     runner = web.AppRunner(
         create_app(services),
         access_log=None,
@@ -45,4 +46,5 @@ async def run_gateway(settings: Settings, stop: asyncio.Event) -> None:
             connection.close(CLOSE_GOING_AWAY, "server shutting down")
         await asyncio.sleep(0.1)  # let writers flush their close frames
         await runner.cleanup()
+        presence.cancel()
         await services.broker.close()

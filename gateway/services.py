@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from gateway.broker import Broker
 from gateway.fanout import ChannelRouter
 from gateway.history_client import HistoryClient
+from gateway.presence import PresenceService
 from shared.auth import Identity, Keyring
 from shared.session import Limits
 from shared.settings import Settings
@@ -65,6 +66,7 @@ class GatewayServices:
     broker: Broker
     router: ChannelRouter
     history: HistoryClient
+    presence: PresenceService
     registry: ConnectionRegistry = field(default_factory=ConnectionRegistry)
 
     @classmethod
@@ -77,6 +79,7 @@ class GatewayServices:
             broker=broker,
             router=ChannelRouter(broker),
             history=HistoryClient(broker),
+            presence=PresenceService(broker),
         )
 
     @property
@@ -88,4 +91,5 @@ class GatewayServices:
             max_frame_bytes=settings.max_frame_bytes,
             max_batch_members=settings.max_batch_members,
             max_channels=settings.max_channels_per_connection,
+            max_presence_data_bytes=settings.presence_max_data_bytes,
         )

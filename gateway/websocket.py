@@ -8,9 +8,9 @@ import logging
 
 from aiohttp import WSMsgType, web
 
-from gateway.connection import CLOSE_NORMAL, CLOSE_TRY_AGAIN_LATER, Connection
+from gateway.connection import Connection
 from gateway.services import GatewayServices
-from shared.session import Codec
+from shared.session import CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_TRY_AGAIN_LATER, Codec
 
 __all__ = ["serve_websocket"]
 
@@ -36,6 +36,7 @@ async def serve_websocket(request: web.Request, services: GatewayServices) -> we
     # Clients that ping stay under keepAliveMs of silence; allow two intervals and 10 s.
     idle_timeout = 2 * settings.keep_alive_ms / 1000 + 10
     timeout = settings.auth_timeout_s
+    graceful = False
     try:
         while not connection.is_closing:
             message = await socket.receive(timeout=timeout)
@@ -44,7 +45,13 @@ async def serve_websocket(request: web.Request, services: GatewayServices) -> we
             elif message.type is WSMsgType.TEXT:
                 await connection.receive(message.data.encode(), is_text=True)
             else:
-                break  # close, closed or error (e.g. above aiohttp's hard size cap)
+                # A deliberate close by the client ends its presence at once; a dropped link
+                # keeps it for the grace period (close, closed or error, e.g. aiohttp's cap).
+                graceful = message.type is WSMsgType.CLOSE and message.data in (
+                    CLOSE_NORMAL,
+                    CLOSE_GOING_AWAY,
+                )
+                break
             if connection.is_connected:
                 timeout = idle_timeout
     except TimeoutError:
@@ -58,7 +65,7 @@ async def serve_websocket(request: web.Request, services: GatewayServices) -> we
             await asyncio.wait_for(writer, _WRITE_DRAIN_TIMEOUT_S)
         except (TimeoutError, asyncio.CancelledError):
             writer.cancel()
-        await connection.finish()
+        await connection.finish(graceful)
     return socket
 
 

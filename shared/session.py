@@ -48,6 +48,10 @@ from shared.frames import (
 )
 
 __all__ = [
+    "CLOSE_GOING_AWAY",
+    "CLOSE_NORMAL",
+    "CLOSE_POLICY_VIOLATION",
+    "CLOSE_TRY_AGAIN_LATER",
     "Authenticate",
     "Close",
     "Codec",
@@ -86,6 +90,7 @@ class Limits:
     max_batch_members: int = 1000
     max_channels: int = 1000
     max_message_id_length: int = 256
+    max_presence_data_bytes: int = 8 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,8 +133,11 @@ class Close:
 
 Command = Reply | Authenticate | Publish | Request | Close
 
-# WebSocket close codes (RFC 6455) used by the session.
+# WebSocket close codes (RFC 6455) the service uses.
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY_VIOLATION = 1008
+CLOSE_TRY_AGAIN_LATER = 1013
 
 
 def new_message_id(now_ns: int | None = None) -> str:
@@ -270,6 +278,13 @@ class Session:
             self.subscriptions.discard(channel)
         elif isinstance(frame, PresenceFrame):
             capability.check(Operation.PRESENCE, channel, request_id)
+            size = len(frame.data or b"") + len(frame.encoding)
+            if size > self.limits.max_presence_data_bytes:
+                raise ProtocolError(
+                    ErrorCode.BAD_FRAME,
+                    f"presence data of {size} bytes exceeds {self.limits.max_presence_data_bytes}",
+                    request_id,
+                )
         elif isinstance(frame, PresenceSubscribeFrame):
             capability.allows_any((Operation.PRESENCE, Operation.SUBSCRIBE), channel, request_id)
         elif isinstance(frame, HistoryFrame):

@@ -78,6 +78,20 @@ class Settings:
     presence_bucket: str = field(
         default="rt_presence", metadata=_env("RT_PRESENCE_BUCKET", "KV bucket of presence")
     )
+    presence_ttl_s: float = field(
+        default=20.0,
+        metadata=_env("RT_PRESENCE_TTL_S", "member keys expire this long after their gateway dies"),
+    )
+    presence_grace_s: float = field(
+        default=15.0,
+        metadata=_env("RT_PRESENCE_GRACE_S", "memberships kept for a quick reconnect"),
+    )
+    presence_max_members: int = field(
+        default=5000, metadata=_env("RT_PRESENCE_MAX_MEMBERS", "members per channel")
+    )
+    presence_max_data_bytes: int = field(
+        default=8 * 1024, metadata=_env("RT_PRESENCE_MAX_DATA_BYTES", "presence data per member")
+    )
     request_timeout_s: float = field(
         default=2.0, metadata=_env("RT_REQUEST_TIMEOUT_S", "NATS request timeout (history, acks)")
     )

@@ -91,3 +91,23 @@ def test_cut_tcp_connection_reconnects_and_receives_everything_missed(cluster: C
         "connected",
     ]
     assert result["sameConnectionId"] is True
+
+
+def test_presence_across_gateways(cluster: Cluster) -> None:
+    result = scenario(cluster, "presence")
+    expected = [
+        ["enter", "sdk-member", {"status": "here"}],
+        ["update", "sdk-member", {"status": "busy"}],
+        ["leave", "sdk-member", {"status": "busy"}],  # a leave carries the last data
+        ["enter", "sdk-member", {"status": "back"}],
+        ["leave", "sdk-member", {"status": "back"}],  # closing the client leaves
+    ]
+    assert result["events"] == expected
+    assert result["own"] == expected[:4]  # own events are echoed
+
+
+def test_presence_survives_a_cut_connection_without_churn(cluster: Cluster) -> None:
+    result = scenario(cluster, "presence-reconnect")
+    assert result["states"][:3] == ["disconnected", "connecting", "connected"]
+    assert result["events"] == [["enter", "sdk-flaky", {"n": 1}]]  # no leave/enter on resume
+    assert result["after"] == [["enter", "sdk-flaky", {"n": 1}], ["leave", "sdk-flaky", {"n": 1}]]

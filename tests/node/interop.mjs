@@ -77,7 +77,65 @@ async function tcpProxy(target) {
   };
 }
 
+function presenceView(event) {
+  return [event.action, event.clientId, event.data ?? null];
+}
+
 const scenarios = {
+  async 'presence'() {
+    const name = `presence:${run}`;
+    const watcher = client(B, { clientId: 'sdk-watcher' });
+    const member = client(A, { clientId: 'sdk-member' });
+    const events = [];
+    const watched = watcher.channels.get(name);
+    watched.presence.subscribe((event) => events.push(presenceView(event)));
+    await until(() => watcher.getState() === 'connected', 'watcher connected');
+    await new Promise((resolve) => setTimeout(resolve, 300)); // presSub acked
+    const channel = member.channels.get(name);
+    const own = [];
+    channel.presence.subscribe((event) => own.push(presenceView(event)));
+    await channel.attach();
+    await channel.presence.enter({ status: 'here' });
+    await until(() => events.length >= 1, 'enter');
+    await channel.presence.update({ status: 'busy' });
+    await until(() => events.length >= 2, 'update');
+    await channel.presence.leave();
+    await until(() => events.length >= 3, 'leave');
+    await channel.presence.enter({ status: 'back' });
+    await until(() => events.length >= 4, 're-enter');
+    await member.close();
+    await until(() => events.length >= 5, 'leave on close');
+    await watcher.close();
+    return { events, own };
+  },
+
+  async 'presence-reconnect'() {
+    const proxy = await tcpProxy(A);
+    const name = `presence-cut:${run}`;
+    const watcher = client(B, { clientId: 'sdk-observer' });
+    const member = client(proxy.url, { clientId: 'sdk-flaky', initialReconnectDelayMs: 200 });
+    const events = [];
+    watcher.channels.get(name).presence.subscribe((event) => events.push(presenceView(event)));
+    await until(() => watcher.getState() === 'connected', 'watcher connected');
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    const channel = member.channels.get(name);
+    await channel.attach();
+    await channel.presence.enter({ n: 1 });
+    await until(() => events.length >= 1, 'enter');
+    const states = [];
+    member.connection.on((state) => states.push(state));
+    proxy.cut();
+    await until(() => states.includes('connected'), 'reconnected', 15000);
+    await new Promise((resolve) => setTimeout(resolve, Number(process.env.RT_WAIT_MS ?? 3000)));
+    const result = { events: [...events], states };
+    await member.close();
+    await until(() => events.length >= 2, 'leave after close');
+    result.after = events;
+    await watcher.close();
+    proxy.close();
+    return result;
+  },
+
   async 'history-paging'() {
     const realtime = client(A);
     await realtime.connect();
