@@ -10,7 +10,7 @@ NODE_STAMP := tests/node_modules/.installed-stamp
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,test]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,test,bench]'
 	touch $(STAMP)
 
 $(NODE_STAMP): tests/package.json tests/package-lock.json
@@ -32,6 +32,13 @@ test: install lint
 
 unit: $(STAMP)
 	$(BIN)/pytest tests/unit
+
+# Benchmarks (not tests): write BENCHMARKS.md and bench/results/*.png.
+bench: $(STAMP)
+	$(BIN)/python -m bench.run
+
+bench-quick: $(STAMP)
+	$(BIN)/python -m bench.run --quick
 
 clean:
 	rm -rf $(VENV) tests/node_modules .realtime .mypy_cache .ruff_cache .pytest_cache

@@ -122,6 +122,8 @@ class Connection:
             await self._request(command)
         elif isinstance(command, Authenticate):
             await self._authenticate(command.frame)
+            for deferred in self.session.after_handshake():
+                await self._execute(deferred)
         elif isinstance(command, Close):
             self.close(command.code, command.reason)
 

@@ -12,8 +12,36 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 
-__all__ = ["Outbox"]
+__all__ = ["FlushScheduler", "Outbox"]
+
+
+class FlushScheduler:
+    """Runs each marked sink's ``flush`` once, at the end of the current event-loop
+    iteration: everything queued for a connection during the iteration (a burst of live
+    messages, several acks) leaves in one write, and a lone message leaves at once.
+
+    This replaces one writer-task wake-up per connection per message, which made a fan-out to
+    N connections cost N task switches per message.
+    """
+
+    def __init__(self) -> None:
+        self._marked: list[Callable[[], None]] = []
+        self._scheduled = False
+
+    def mark(self, flush: Callable[[], None]) -> None:
+        """Call ``flush`` at the end of this iteration (callers mark each sink once)."""
+        self._marked.append(flush)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._run)
+
+    def _run(self) -> None:
+        marked, self._marked = self._marked, []
+        self._scheduled = False
+        for flush in marked:
+            flush()
 
 
 class Outbox:
@@ -29,6 +57,9 @@ class Outbox:
         self._items: deque[bytes] = deque()
         self._size = 0
         self._wakeup = asyncio.Event()
+        # A transport that writes directly sets this; it is called when the queue goes from
+        # empty to non-empty (else ``get`` waiters are woken).
+        self.on_ready: Callable[[], None] | None = None
 
     @property
     def size(self) -> int:
@@ -39,11 +70,13 @@ class Outbox:
         """Queue a reply (never dropped)."""
         if self.closed:
             return
+        was_empty = not self._items
         self._items.append(data)
         self._size += len(data)
         if self._size > 2 * self.max_bytes:
             self.overflowed = True
-        self._wakeup.set()
+        if was_empty:
+            self._signal()
 
     def offer(self, data: bytes) -> bool:
         """Queue a live delivery unless the queue is full; return whether it was queued."""
@@ -52,10 +85,27 @@ class Outbox:
         if self._size + len(data) > self.max_bytes:
             self.dropped += 1
             return False
+        was_empty = not self._items
         self._items.append(data)
         self._size += len(data)
-        self._wakeup.set()
+        if was_empty:
+            self._signal()
         return True
+
+    def _signal(self) -> None:
+        if self.on_ready is not None:
+            self.on_ready()
+        else:
+            self._wakeup.set()
+
+    def wake(self) -> None:
+        """Wake a ``get`` waiter (the transport's slow path)."""
+        self._wakeup.set()
+
+    @property
+    def pending(self) -> bool:
+        """True when frames are queued."""
+        return bool(self._items)
 
     def close(self) -> None:
         """Stop accepting frames; ``get`` returns what is queued, then nothing."""

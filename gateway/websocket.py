@@ -1,14 +1,23 @@
-"""The WebSocket transport: a thin aiohttp loop around ``Connection``."""
+"""The WebSocket transport: a thin aiohttp loop around ``Connection``.
+
+Reading goes through aiohttp. Writing is split: while the socket keeps up, queued frames are
+written straight to the transport by the loop-iteration flush (``FlushScheduler``), framed
+here (server frames: no mask, no compression), so a fan-out costs one write per connection
+and no task switch; when the socket's buffer backs up, a writer task waits for it to drain
+and takes over until it has.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import struct
 
 from aiohttp import WSMsgType, web
 
 from gateway.connection import Connection
+from gateway.outbox import FlushScheduler
 from gateway.services import GatewayServices
 from shared.session import CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_TRY_AGAIN_LATER, Codec
 
@@ -17,6 +26,48 @@ __all__ = ["serve_websocket"]
 log = logging.getLogger(__name__)
 
 _WRITE_DRAIN_TIMEOUT_S = 5.0
+# Above this many unsent bytes in the transport, stop writing directly and wait for drain.
+_TRANSPORT_HIGH_WATER = 256 * 1024
+_TRANSPORT_LOW_WATER = 64 * 1024
+_DRAIN_POLL_S = 0.002
+_FLUSHER = FlushScheduler()
+
+
+def frame_header(length: int, opcode: int) -> bytes:
+    """RFC 6455 header of one final, unmasked server frame."""
+    if length < 126:
+        return bytes((0x80 | opcode, length))
+    if length < 65536:
+        return struct.pack("!BBH", 0x80 | opcode, 126, length)
+    return struct.pack("!BBQ", 0x80 | opcode, 127, length)
+
+
+class _DirectWriter:
+    """Writes a connection's outbox to its transport at the end of the loop iteration."""
+
+    __slots__ = ("backed_up", "connection", "transport")
+
+    def __init__(self, connection: Connection, transport: asyncio.Transport) -> None:
+        self.connection = connection
+        self.transport = transport
+        self.backed_up = False
+
+    def ready(self) -> None:
+        _FLUSHER.mark(self.flush)
+
+    def flush(self) -> None:
+        outbox = self.connection.outbox
+        transport = self.transport
+        if self.backed_up or outbox.closed or outbox.overflowed or transport.is_closing():
+            outbox.wake()  # the writer task handles slow sockets, overflow and closing
+            return
+        if transport.get_write_buffer_size() > _TRANSPORT_HIGH_WATER:
+            self.backed_up = True
+            outbox.wake()
+            return
+        opcode = 0x1 if self.connection.session.codec is Codec.JSON else 0x2
+        for message in outbox.take():
+            transport.write(frame_header(len(message), opcode) + message)
 
 
 async def serve_websocket(request: web.Request, services: GatewayServices) -> web.WebSocketResponse:
@@ -32,7 +83,11 @@ async def serve_websocket(request: web.Request, services: GatewayServices) -> we
     )
     await socket.prepare(request)
     connection = Connection(services, "websocket")
-    writer = asyncio.create_task(_write(socket, connection))
+    direct: _DirectWriter | None = None
+    if request.transport is not None:
+        direct = _DirectWriter(connection, request.transport)
+        connection.outbox.on_ready = direct.ready
+    writer = asyncio.create_task(_write(socket, connection, direct))
     # Clients that ping stay under keepAliveMs of silence; allow two intervals and 10 s.
     idle_timeout = 2 * settings.keep_alive_ms / 1000 + 10
     timeout = settings.auth_timeout_s
@@ -69,7 +124,11 @@ async def serve_websocket(request: web.Request, services: GatewayServices) -> we
     return socket
 
 
-async def _write(socket: web.WebSocketResponse, connection: Connection) -> None:
+async def _write(
+    socket: web.WebSocketResponse, connection: Connection, direct: _DirectWriter | None
+) -> None:
+    """The slow path: wait for a backed-up socket to drain, write what queued meanwhile,
+    then hand back to the direct path; and close the socket at the end."""
     outbox = connection.outbox
     try:
         while True:
@@ -82,6 +141,17 @@ async def _write(socket: web.WebSocketResponse, connection: Connection) -> None:
             opcode = WSMsgType.TEXT if connection.session.codec is Codec.JSON else WSMsgType.BINARY
             for message in messages:
                 await socket.send_frame(message, opcode)
+            if direct is not None and direct.backed_up:
+                transport = direct.transport
+                # aiohttp exposes no drain waiter for writes made outside it; poll the
+                # (rare) slow socket instead.
+                while (  # noqa: ASYNC110
+                    not transport.is_closing()
+                    and transport.get_write_buffer_size() > _TRANSPORT_LOW_WATER
+                ):
+                    await asyncio.sleep(_DRAIN_POLL_S)
+                if not outbox.pending:
+                    direct.backed_up = False
     except (ConnectionResetError, RuntimeError) as error:
         log.debug("write ended: %s", error)
     finally:

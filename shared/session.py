@@ -163,6 +163,8 @@ class Session:
         self.identity: Identity | None = None
         self.connection_id = ""
         self.subscriptions: set[str] = set()
+        self._deferred: list[bytes] | None = None
+        self._deferred_error: FrameDecodeError | None = None
 
     @property
     def is_closed(self) -> bool:
@@ -193,18 +195,47 @@ class Session:
                 return self._receive_frame(json_codec.decode_client_text(data))
             except ProtocolError as error:
                 return self._failed(error)
-        commands: list[Command] = []
+        records: list[bytes] = []
+        malformed: FrameDecodeError | None = None
         try:
             for record in binary_codec.iter_records(data):
-                try:
-                    frame = binary_codec.decode_client_record(record)
-                except FrameDecodeError as error:
-                    commands += self._failed(error)
-                else:
-                    commands += self._receive_frame(frame)
-                if self.is_closed:
-                    break
+                records.append(record)
         except FrameDecodeError as error:
+            malformed = error
+        commands = self._receive_records(records)
+        if malformed is not None:
+            if self._deferred is not None:
+                self._deferred_error = malformed
+            else:
+                commands += self._failed(malformed)
+        return commands
+
+    def _receive_records(self, records: list[bytes]) -> list[Command]:
+        commands: list[Command] = []
+        for index, record in enumerate(records):
+            try:
+                frame = binary_codec.decode_client_record(record)
+            except FrameDecodeError as error:
+                commands += self._failed(error)
+            else:
+                commands += self._receive_frame(frame)
+                if commands and isinstance(commands[-1], Authenticate):
+                    # Records after auth wait until the adapter has finished the handshake.
+                    self._deferred = records[index + 1 :]
+                    return commands
+            if self.is_closed:
+                break
+        return commands
+
+    def after_handshake(self) -> list[Command]:
+        """Commands for the records that arrived in the auth frame's message after it (call
+        once ``accept`` or ``reject`` is done)."""
+        records, self._deferred = self._deferred or [], None
+        error, self._deferred_error = self._deferred_error, None
+        if self.is_closed:
+            return []
+        commands = self._receive_records(records)
+        if error is not None:
             commands += self._failed(error)
         return commands
 

@@ -141,3 +141,16 @@ def test_wrong_message_type_after_codec_choice() -> None:
 def test_encode_depends_on_codec() -> None:
     assert connected_session(Codec.JSON).encode(PongFrame()) == b'{"t":"pong"}'
     assert connected_session(Codec.BINARY).encode(PongFrame()) == b"\x01\x10"
+
+
+def test_records_after_auth_in_the_same_message_wait_for_the_handshake() -> None:
+    session = Session(KEYRING, Limits())
+    data = binary(AuthFrame(key="app.k:secret"), SubscribeFrame(1, "chan"), PingFrame())
+    commands = session.receive_message(data, is_text=False)
+    assert len(commands) == 1 and isinstance(commands[0], Authenticate)
+    session.authenticate(commands[0].frame, assign_client_id="x")
+    session.accept("conn")
+    later = session.after_handshake()
+    assert isinstance(later[0], Request) and isinstance(later[1], Reply)
+    assert later[1].frame == PongFrame()
+    assert session.after_handshake() == []
