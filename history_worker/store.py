@@ -14,6 +14,7 @@ import orjson
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
+from gateway.requests import ReplyMux, RequestTimeout
 from shared.binary_codec import decode_member
 from shared.errors import ErrorCode, ProtocolError
 from shared.frames import Message
@@ -41,10 +42,13 @@ class ChannelBounds:
 class StreamReader:
     """Direct-get reads over the message stream."""
 
-    def __init__(self, nc: NatsClient, stream: str, timeout: float) -> None:
+    def __init__(
+        self, nc: NatsClient, stream: str, timeout: float, requests: ReplyMux | None = None
+    ) -> None:
         self._nc = nc
         self._stream = stream
         self._timeout = timeout
+        self._requests = requests
 
     async def _direct(self, request: dict[str, object] | None, subject: str = "") -> Msg | None:
         api = f"$JS.API.DIRECT.GET.{self._stream}"
@@ -117,6 +121,31 @@ class StreamReader:
             if len(batch) < wanted or (messages and messages[-1].serial >= last):
                 break
             sequence = batch[-1][0].sequence + 1
+        return messages
+
+    async def read_sequences(
+        self, subject: str, sequences: list[int], first: int
+    ) -> list[Message] | None:
+        """Messages at known stream ``sequences`` (serials ``first``, ``first + 1``, ...), all
+        fetched at once; ``None`` when any is gone or is not what the index promised."""
+        assert self._requests is not None
+        api = f"$JS.API.DIRECT.GET.{self._stream}"
+        try:
+            replies = await asyncio.gather(
+                *(
+                    self._requests.request(api, orjson.dumps({"seq": sequence}), self._timeout)
+                    for sequence in sequences
+                )
+            )
+        except RequestTimeout:
+            raise ProtocolError(ErrorCode.SERVER, "stream read timed out") from None
+        messages = []
+        for offset, reply in enumerate(replies):
+            headers = reply.headers or {}
+            serial = int(headers.get(SERIAL_HEADER, 0) or 0)
+            if headers.get("Nats-Subject") != subject or serial != first + offset:
+                return None
+            messages.append(decode_member(reply.data).with_serial(serial))
         return messages
 
     async def find_serial(self, subject: str, bounds: ChannelBounds, message_id: str) -> int:

@@ -11,11 +11,14 @@ import nats
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
+from gateway.requests import ReplyMux
+from history_worker.index import SequenceIndex
 from history_worker.store import StreamReader
 from shared import history, subjects
 from shared.errors import ErrorCode, ProtocolError
 from shared.history import HistoryOp, HistoryQuery, HistoryResult
 from shared.settings import Settings
+from shared.subjects import SERIAL_HEADER
 
 __all__ = ["HistoryService", "run_history_worker"]
 
@@ -27,8 +30,9 @@ _MAX_PAGE = 1000
 class HistoryService:
     """Turns a query into a result by reading the stream."""
 
-    def __init__(self, reader: StreamReader) -> None:
+    def __init__(self, reader: StreamReader, index: SequenceIndex | None = None) -> None:
         self._reader = reader
+        self._index = index
 
     async def answer(self, query: HistoryQuery) -> HistoryResult:
         """Compute the result of ``query``."""
@@ -56,6 +60,13 @@ class HistoryService:
             span = history.resume_range(oldest, newest, cursor, limit)
         if not span.count or bounds is None:
             return HistoryResult((), span.flag)
+        known = self._index.sequences(subject, span.first, span.last) if self._index else None
+        if known is not None:
+            indexed = await self._reader.read_sequences(subject, known, span.first)
+            if indexed is not None:
+                return HistoryResult(tuple(indexed), span.flag)
+            assert self._index is not None
+            self._index.forget(subject)
         start = await self._reader.sequence_of(subject, bounds, span.first)
         messages = await self._reader.read(subject, start, span.first, span.last)
         return HistoryResult(tuple(messages), span.flag)
@@ -86,7 +97,27 @@ async def _fail(nc: NatsClient, reply: str, error: ProtocolError) -> None:
 async def run_history_worker(settings: Settings, stop: asyncio.Event) -> None:
     """Serve history queries until ``stop`` is set."""
     nc = await _connect(settings)
-    service = HistoryService(StreamReader(nc, settings.stream_name, settings.request_timeout_s))
+    requests = ReplyMux(nc)
+    await requests.start()
+    index = SequenceIndex()
+    reader = StreamReader(nc, settings.stream_name, settings.request_timeout_s, requests)
+    service = HistoryService(reader, index)
+    live_prefix = len(subjects.LIVE_PREFIX)
+
+    async def on_live(msg: Msg) -> None:
+        headers = msg.headers
+        if headers and SERIAL_HEADER in headers and "Nats-Sequence" in headers:
+            # rt.live.<app>.<channel> -> rt.msg.<app>.<channel>
+            app_and_channel = msg.subject[live_prefix:]
+            index.record(
+                subjects.STORED_PREFIX + app_and_channel,
+                int(headers[SERIAL_HEADER]),
+                int(headers["Nats-Sequence"]),
+            )
+
+    # Every worker learns every stored message's position; ephemeral messages (no serial)
+    # are skipped. A worker that cannot keep up only loses index entries, not correctness.
+    await nc.subscribe(subjects.LIVE_WILDCARD, cb=on_live)
 
     async def on_query(msg: Msg) -> None:
         if not msg.reply:

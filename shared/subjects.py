@@ -9,7 +9,10 @@ from __future__ import annotations
 __all__ = [
     "HISTORY_QUEUE",
     "HISTORY_SUBJECT",
+    "LIVE_PREFIX",
+    "LIVE_WILDCARD",
     "SERIAL_HEADER",
+    "STORED_PREFIX",
     "live_subject",
     "stored_subject",
     "stream_subjects",
@@ -27,15 +30,20 @@ SERIAL_HEADER = "Rt-Serial"
 and by its republish)."""
 
 
+STORED_PREFIX = f"{PREFIX}.msg."
+LIVE_PREFIX = f"{PREFIX}.live."
+LIVE_WILDCARD = f"{LIVE_PREFIX}>"
+
+
 def stored_subject(app: str, channel: str) -> str:
     """Subject a durable publish goes to; the stream captures ``rt.msg.>``."""
-    return f"{PREFIX}.msg.{app}.{channel}"
+    return f"{STORED_PREFIX}{app}.{channel}"
 
 
 def live_subject(app: str, channel: str) -> str:
     """Subject of live delivery: the stream republishes stored messages here, and ephemeral
     messages are published here directly (they are never stored)."""
-    return f"{PREFIX}.live.{app}.{channel}"
+    return f"{LIVE_PREFIX}{app}.{channel}"
 
 
 def stream_subjects() -> tuple[str, str]:
