@@ -22,6 +22,11 @@ from gateway.metrics import METRICS
 from gateway.outbox import Outbox
 from gateway.presence import WatchReason
 from gateway.services import GatewayServices
+from shared.binary_codec import (
+    encode_response_members,
+    frame_record,
+    message_record_from_member,
+)
 from shared.errors import ErrorCode, ProtocolError
 from shared.frames import (
     AckFrame,
@@ -39,7 +44,7 @@ from shared.frames import (
     SubscribeFrame,
     UnsubscribeFrame,
 )
-from shared.history import HistoryOp, HistoryQuery
+from shared.history import HistoryOp, HistoryQuery, HistoryResult
 from shared.session import (
     CLOSE_NORMAL,
     Authenticate,
@@ -271,10 +276,17 @@ class Connection:
         except BaseException:
             self._replay_gates.pop(channel, None)
             raise
-        last_sent = frame.last_serial
-        for message in result.messages:
-            self.send(MessageFrame(message))
-            last_sent = message.serial
+        # Not resumed (aged out, or a cursor we never issued): nothing was replayed and every
+        # held live message goes out.
+        last_sent = frame.last_serial if result.flag else 0
+        if self.session.codec is Codec.BINARY:
+            for member in result.members:
+                self.outbox.put(frame_record(message_record_from_member(member)))
+            last_sent += len(result.members)  # the replay is contiguous from the cursor
+        else:
+            for message in result.messages:
+                self.send(MessageFrame(message))
+                last_sent = message.serial
         del self._replay_gates[channel]
         for delivery in gate.buffer:
             serial = delivery.message.serial
@@ -309,9 +321,12 @@ class Connection:
                     message_id="" if frame.before else frame.start,
                 )
                 result = await self.services.history.query(query)
-                self.send(
-                    HistoryResponseFrame(frame.id, frame.channel, result.messages, result.flag)
-                )
+                if self.session.codec is Codec.BINARY:
+                    self._send_members(True, frame, result)
+                else:
+                    self.send(
+                        HistoryResponseFrame(frame.id, frame.channel, result.messages, result.flag)
+                    )
             else:
                 query = HistoryQuery(
                     HistoryOp.FETCH,
@@ -321,13 +336,27 @@ class Connection:
                     from_serial=frame.from_serial,
                 )
                 result = await self.services.history.query(query)
-                self.send(FetchResponseFrame(frame.id, frame.channel, result.messages, result.flag))
+                if self.session.codec is Codec.BINARY:
+                    self._send_members(False, frame, result)
+                else:
+                    self.send(
+                        FetchResponseFrame(frame.id, frame.channel, result.messages, result.flag)
+                    )
         except ProtocolError as error:
             self.send(ErrorFrame(int(error.code), error.message, frame.id))
         except (TimeoutError, NatsError):
             self.send(ErrorFrame(int(ErrorCode.SERVER), "history unavailable, retry", frame.id))
         finally:
             self._in_flight.release()
+
+    def _send_members(
+        self, history: bool, frame: HistoryFrame | FetchFrame, result: HistoryResult
+    ) -> None:
+        """A binary response spliced from the worker's encoded members, never decoded here."""
+        record = encode_response_members(
+            history, result.flag, frame.id, frame.channel, result.members
+        )
+        self.outbox.put(frame_record(record))
 
     # ---- teardown ----
 

@@ -27,13 +27,16 @@ class _Channel:
 
 
 class SequenceIndex:
-    """Stream sequences of the newest ``per_channel`` serials of up to ``channels`` channels
-    (least recently written channels are forgotten first). 8 bytes per message."""
+    """Stream sequences of the newest ``per_channel`` serials of channels, at most
+    ``max_entries`` in all (8 bytes each; the least recently written channels are forgotten
+    first). The default per channel matches the default retention, so every retained message
+    of a channel can be indexed; the default total is 64 MB."""
 
-    def __init__(self, per_channel: int = 1000, channels: int = 100_000) -> None:
+    def __init__(self, per_channel: int = 10_000, max_entries: int = 8_000_000) -> None:
         self.per_channel = per_channel
-        self.channels = channels
+        self.max_entries = max_entries
         self._entries: OrderedDict[str, _Channel] = OrderedDict()
+        self._total = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -45,17 +48,22 @@ class SequenceIndex:
             if entry is not None and serial < entry.first_serial + len(entry.sequences):
                 return  # a replayed or duplicate delivery: already known
             # New channel, or a gap (we missed messages): start over from here.
+            if entry is not None:
+                self._total -= len(entry.sequences)
             entry = _Channel(serial)
             self._entries[subject] = entry
-            if len(self._entries) > self.channels:
-                self._entries.popitem(last=False)
         else:
             self._entries.move_to_end(subject)
         entry.sequences.append(sequence)
+        self._total += 1
         excess = len(entry.sequences) - self.per_channel
         if excess > self.per_channel // 4:
             del entry.sequences[:excess]
             entry.first_serial += excess
+            self._total -= excess
+        while self._total > self.max_entries and len(self._entries) > 1:
+            _, forgotten = self._entries.popitem(last=False)
+            self._total -= len(forgotten.sequences)
 
     def sequences(self, subject: str, first: int, last: int) -> list[int] | None:
         """Sequences of serials ``first..last``, or ``None`` unless all are known."""
@@ -69,4 +77,6 @@ class SequenceIndex:
 
     def forget(self, subject: str) -> None:
         """Drop what is known of a channel (a lookup found it stale)."""
-        self._entries.pop(subject, None)
+        entry = self._entries.pop(subject, None)
+        if entry is not None:
+            self._total -= len(entry.sequences)

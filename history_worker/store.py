@@ -15,9 +15,8 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from gateway.requests import ReplyMux, RequestTimeout
-from shared.binary_codec import decode_member
+from shared.binary_codec import decode_member, member_with_serial
 from shared.errors import ErrorCode, ProtocolError
-from shared.frames import Message
 from shared.subjects import SERIAL_HEADER
 
 __all__ = ["ChannelBounds", "StreamReader"]
@@ -70,11 +69,10 @@ class StreamReader:
 
     async def bounds(self, subject: str) -> ChannelBounds | None:
         """The channel's oldest and newest retained messages, or ``None`` when empty."""
-        newest = await self._direct(None, subject)
-        if newest is None:
-            return None
-        oldest = await self._direct({"seq": 1, "next_by_subj": subject})
-        if oldest is None:  # purged in between
+        newest, oldest = await asyncio.gather(
+            self._direct(None, subject), self._direct({"seq": 1, "next_by_subj": subject})
+        )
+        if newest is None or oldest is None:  # empty, or purged in between
             return None
         return ChannelBounds(self._stored(oldest), self._stored(newest))
 
@@ -108,24 +106,26 @@ class StreamReader:
         # Fall back to the last known sequence below the target; the read skips forward.
         return low.sequence
 
-    async def read(self, subject: str, start_sequence: int, first: int, last: int) -> list[Message]:
-        """Messages with serials ``first..last``, reading forward from ``start_sequence``."""
-        messages: list[Message] = []
+    async def read(self, subject: str, start_sequence: int, first: int, last: int) -> list[bytes]:
+        """Members with serials ``first..last``, reading forward from ``start_sequence``."""
+        messages: list[bytes] = []
+        last_serial = 0
         sequence = start_sequence
         while len(messages) < last - first + 1:
             wanted = min(last - first + 1 - len(messages) + 1, _MAX_BATCH)
             batch = await self._batch(subject, sequence, wanted)
             for stored, data in batch:
                 if first <= stored.serial <= last:
-                    messages.append(decode_member(data).with_serial(stored.serial))
-            if len(batch) < wanted or (messages and messages[-1].serial >= last):
+                    messages.append(member_with_serial(data, stored.serial))
+                    last_serial = stored.serial
+            if len(batch) < wanted or last_serial >= last:
                 break
             sequence = batch[-1][0].sequence + 1
         return messages
 
     async def read_sequences(
         self, subject: str, sequences: list[int], first: int
-    ) -> list[Message] | None:
+    ) -> list[bytes] | None:
         """Messages at known stream ``sequences`` (serials ``first``, ``first + 1``, ...), all
         fetched at once; ``None`` when any is gone or is not what the index promised."""
         assert self._requests is not None
@@ -145,7 +145,7 @@ class StreamReader:
             serial = int(headers.get(SERIAL_HEADER, 0) or 0)
             if headers.get("Nats-Subject") != subject or serial != first + offset:
                 return None
-            messages.append(decode_member(reply.data).with_serial(serial))
+            messages.append(member_with_serial(reply.data, serial))
         return messages
 
     async def find_serial(self, subject: str, bounds: ChannelBounds, message_id: str) -> int:

@@ -8,7 +8,7 @@ else. Encoders return one record payload (opcode + fields) without its length pr
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import orjson
 
@@ -49,9 +49,12 @@ __all__ = [
     "encode_client_frame",
     "encode_member",
     "encode_message_record",
+    "encode_response_members",
     "encode_server_frame",
     "frame_record",
     "iter_records",
+    "member_with_serial",
+    "message_record_from_member",
     "uvarint",
 ]
 
@@ -525,3 +528,41 @@ def encode_member(message: Message) -> bytes:
 def decode_member(data: bytes) -> Message:
     """Decode one message member, as written by ``encode_member``."""
     return _read_member(_Reader(data))
+
+
+def member_with_serial(member: bytes, serial: int) -> bytes:
+    """A stored member (serial 0) with its serial filled in, without decoding its payload."""
+    reader = _Reader(member)
+    flags = reader.byte()
+    reader.uvarint()  # timestamp
+    reader.slice()  # channel
+    if flags & FLAG_BATCH:
+        reader.slice()  # messageId
+        reader.slice()  # clientId
+    else:
+        reader.slice()  # name
+        reader.slice()  # data
+        reader.slice()  # messageId
+        reader.slice()  # clientId
+        reader.slice()  # encoding
+    position = reader._offset
+    reader.uvarint()  # the stored serial
+    return member[:position] + uvarint(serial) + member[reader._offset :]
+
+
+def encode_response_members(
+    history: bool, flag: bool, request_id: int, channel: str, members: Sequence[bytes]
+) -> bytes:
+    """A ``histRes`` (``history``) or ``fetchRes`` record around already encoded members."""
+    out = bytearray(
+        (Opcode.HIST_RES if history else Opcode.FETCH_RES, FLAG_RESPONSE_SET if flag else 0)
+    )
+    out += uvarint(request_id)
+    _put_str(out, channel)
+    out += uvarint(len(members))
+    return bytes(out) + b"".join(members)
+
+
+def message_record_from_member(member: bytes) -> bytes:
+    """A live ``msg`` record (one member, single or batch) around an encoded member."""
+    return b"\x0d\x01" + member

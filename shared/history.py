@@ -61,10 +61,17 @@ class HistoryQuery:
 
 @dataclass(frozen=True, slots=True)
 class HistoryResult:
-    """Messages oldest first; ``flag`` is ``more`` for hist and ``resumed`` for fetch."""
+    """Encoded message members (PROTOCOL.md 2.6, serials set) oldest first; ``flag`` is
+    ``more`` for hist and ``resumed`` for fetch. Members stay encoded end to end, so a binary
+    client's response is spliced together without decoding a single message."""
 
-    messages: tuple[Message, ...]
+    members: tuple[bytes, ...]
     flag: bool
+
+    @property
+    def messages(self) -> tuple[Message, ...]:
+        """The members decoded (for JSON clients)."""
+        return tuple(binary_codec.decode_member(member) for member in self.members)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,8 +167,7 @@ def decode_query(data: bytes) -> HistoryQuery:
 def encode_result(result: HistoryResult) -> bytes:
     """Encode a result: a flag byte, then each message as a length-prefixed member."""
     parts = [b"\x01" if result.flag else b"\x00"]
-    for message in result.messages:
-        parts.append(binary_codec.frame_record(binary_codec.encode_member(message)))
+    parts += [binary_codec.frame_record(member) for member in result.members]
     return b"".join(parts)
 
 
@@ -170,9 +176,7 @@ def decode_result(data: bytes) -> HistoryResult:
     try:
         if not data:
             raise FrameDecodeError("empty history result")
-        messages = tuple(
-            binary_codec.decode_member(record) for record in binary_codec.iter_records(data[1:])
-        )
+        members = tuple(binary_codec.iter_records(data[1:]))
     except FrameDecodeError as error:
         raise ProtocolError(ErrorCode.SERVER, f"bad history result: {error.message}") from None
-    return HistoryResult(messages, data[0] == 1)
+    return HistoryResult(members, data[0] == 1)

@@ -17,6 +17,7 @@ from shared.frames import (
     BundleFrame,
     ConnectedFrame,
     ErrorFrame,
+    FetchResponseFrame,
     HistoryResponseFrame,
     Message,
     MessageFrame,
@@ -258,3 +259,31 @@ def test_decoder_fuzz_mutated_valid_records(data: st.DataObject) -> None:
     cut = data.draw(st.integers(0, len(record)))
     with contextlib.suppress(FrameDecodeError):
         binary_codec.decode_client_record(bytes(record[:cut]))
+
+
+@given(messages(), serials)
+def test_member_with_serial_matches_a_full_encode(message: Message, serial: int) -> None:
+    stored = binary_codec.encode_member(message.with_serial(0))
+    assert binary_codec.member_with_serial(stored, serial) == binary_codec.encode_member(
+        message.with_serial(serial)
+    )
+
+
+@given(st.lists(messages(), max_size=4), st.booleans(), serials, texts)
+def test_spliced_responses_match_encoded_frames(
+    batch: list[Message], flag: bool, request_id: int, channel: str
+) -> None:
+    members = [binary_codec.encode_member(m) for m in batch]
+    assert binary_codec.encode_response_members(
+        True, flag, request_id, channel, members
+    ) == binary_codec.encode_server_frame(
+        HistoryResponseFrame(request_id, channel, tuple(batch), flag)
+    )
+    assert binary_codec.encode_response_members(
+        False, flag, request_id, channel, members
+    ) == binary_codec.encode_server_frame(
+        FetchResponseFrame(request_id, channel, tuple(batch), flag)
+    )
+    for message, member in zip(batch, members, strict=True):
+        record = binary_codec.message_record_from_member(member)
+        assert binary_codec.decode_server_record(record) == MessageFrame(message)

@@ -26,13 +26,14 @@ def test_gap_restarts_and_duplicates_are_ignored() -> None:
 
 
 def test_bounded_per_channel_and_in_channels() -> None:
-    index = SequenceIndex(per_channel=4, channels=2)
+    index = SequenceIndex(per_channel=4, max_entries=8)
     for serial in range(1, 20):
         index.record("s", serial, serial)
     assert index.sequences("s", 19, 19) == [19]
     assert index.sequences("s", 1, 1) is None
     known = index.sequences("s", 16, 19)
     assert known == [16, 17, 18, 19]
-    index.record("a", 1, 1)
-    index.record("b", 1, 1)
-    assert len(index) == 2 and index.sequences("s", 19, 19) is None
+    for channel in "abcd":
+        index.record(channel, 1, 1)
+    index.record("e", 1, 1)  # over 8 entries in all: the least recently written goes
+    assert index.sequences("s", 19, 19) is None and index.sequences("e", 1, 1) == [1]
