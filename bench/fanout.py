@@ -115,6 +115,11 @@ class LoadProcesses:
                 raise TimeoutError("subscribers did not connect")
         return self
 
+    @property
+    def pids(self) -> dict[str, int]:
+        """Process ids of the subscriber processes, by name."""
+        return {f"clients_{n}": p.pid or 0 for n, p in enumerate(self.processes)}
+
     def delivered(self) -> int:
         """Deliveries counted so far by every subscriber process."""
         return int(sum(self.counts[:]))

@@ -19,6 +19,7 @@ from typing import Any
 
 from bench import history as history_bench
 from bench import publish as publish_bench
+from bench.cpu import cpu_seconds
 from bench.fanout import (
     LoadProcesses,
     PublisherProcess,
@@ -87,23 +88,28 @@ def fanout(
         def saturated() -> dict[str, Any]:
             with PublisherProcess("realtime", cluster.b.url, APP_KEY, (channel,), 0, seconds + 2):
                 time.sleep(1.0)
-                return measure_rate(load, pids, seconds)
+                return measure_rate(load, {**pids, **load.pids}, seconds)
 
         best = _median_of(runs, saturated)
         gateway_cpu = best["cpu_seconds"]["gateway"]
+        clients_cpu = sum(v for k, v in best["cpu_seconds"].items() if k.startswith("clients"))
         result["saturated"] = {
             "deliveries_per_s": round(best["rate"]),
             "gateway_cpu_s_per_million": round(gateway_cpu / best["deliveries"] * 1e6, 3)
             if best["deliveries"]
             else None,
             "gateway_cpu_share": round(gateway_cpu / best["seconds"], 2),
+            # The load generator shares the machine's cores; this shows how much it took.
+            "load_generator_cpu_share": round(clients_cpu / best["seconds"], 2),
             "runs": best["runs"],
         }
         load.finish()  # drop latency samples of the saturated runs
     result["latency"] = {}
     points = [(f"{round(f * 100)}%", f * best["rate"]) for f in latency_fractions]
     points += [(f"{d // 1000}k/s", float(d)) for d in latency_deliveries]
-    for label, deliveries in points:
+    # Lightest first: an overloaded point leaves a backlog behind that would inflate the next.
+    for label, deliveries in sorted(points, key=lambda point: point[1]):
+        settle(pids)
         rate = deliveries / subscribers
         with LoadProcesses(specs) as load:
             with PublisherProcess("realtime", cluster.b.url, APP_KEY, (channel,), rate, seconds):
@@ -115,6 +121,16 @@ def fanout(
             **summarize_latency(latencies[len(latencies) // 10 :]),
         }
     return result
+
+
+def settle(pids: dict[str, int], timeout: float = 30.0) -> None:
+    """Wait until the processes are idle (a previous overload has drained)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        time.sleep(0.5)
+        if all(cpu_seconds(pid) - before[name] < 0.05 for name, pid in pids.items()):
+            return
 
 
 def many_channels(cluster: Cluster, channels: int, seconds: float, runs: int) -> dict[str, Any]:

@@ -192,18 +192,25 @@ async def connect_many(
     gate = asyncio.Semaphore(concurrency)
     clients: list[WebSocketClient] = []
 
+    def factory(index: int, ready: asyncio.Future[None]) -> Callable[[], WebSocketClient]:
+        return lambda: WebSocketClient(
+            f"{host}:{port}", "/", opening(index), counter, ready, index < samples, mode
+        )
+
     async def one(index: int) -> None:
         async with gate:
-            ready: asyncio.Future[None] = loop.create_future()
-            _, client = await loop.create_connection(
-                lambda: WebSocketClient(
-                    f"{host}:{port}", "/", opening(index), counter, ready, index < samples, mode
-                ),
-                host,
-                port,
-            )
-            clients.append(client)
-            await asyncio.wait_for(ready, 30)
+            for attempt in range(5):
+                ready: asyncio.Future[None] = loop.create_future()
+                try:
+                    _, client = await loop.create_connection(factory(index, ready), host, port)
+                    await asyncio.wait_for(ready, 30)
+                except ConnectionError:
+                    if attempt == 4:
+                        raise
+                    await asyncio.sleep(0.1 * (attempt + 1))
+                    continue
+                clients.append(client)
+                return
 
     await asyncio.gather(*(one(index) for index in range(count)))
     return clients

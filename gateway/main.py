@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 
 from aiohttp import web
@@ -17,6 +18,7 @@ __all__ = ["run_gateway"]
 log = logging.getLogger(__name__)
 
 _SHUTDOWN_GRACE_S = 2.0
+_GC_THRESHOLD_YOUNG = 50_000
 
 
 async def run_gateway(settings: Settings, stop: asyncio.Event) -> None:
@@ -31,8 +33,14 @@ async def run_gateway(settings: Settings, stop: asyncio.Event) -> None:
         shutdown_timeout=_SHUTDOWN_GRACE_S,
     )
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
+    # A deep accept queue: reconnect storms (a gateway restart, a network blip) arrive at once.
+    site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True, backlog=4096)
     await site.start()
+    # Long-lived objects (modules, settings, the app) need no cyclic GC scans; and a fan-out
+    # allocates many short-lived objects, so collect young generations less often: full
+    # collections were the main source of multi-millisecond delivery stalls.
+    gc.freeze()
+    gc.set_threshold(_GC_THRESHOLD_YOUNG, 20, 100)
     log.info(
         "gateway listening on ws://%s:%d (%d API keys)",
         settings.host,

@@ -128,7 +128,9 @@ class Outbox:
     def take(self) -> list[bytes]:
         """Return everything queued now, as messages, without waiting."""
         items = self._items
-        if not self.coalesce:
+        if len(items) == 1:
+            messages = [items[0]]  # the common case of a fan-out: keep the shared bytes object
+        elif not self.coalesce:
             messages = list(items)
         else:
             messages = []

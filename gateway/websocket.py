@@ -67,7 +67,21 @@ class _DirectWriter:
             return
         opcode = 0x1 if self.connection.session.codec is Codec.JSON else 0x2
         for message in outbox.take():
-            transport.write(frame_header(len(message), opcode) + message)
+            transport.write(_framed(message, opcode))
+
+
+# A fan-out hands the very same bytes object to every connection in one flush: frame it once.
+_last_message: bytes = b""
+_last_frame: bytes = b""
+
+
+def _framed(message: bytes, opcode: int) -> bytes:
+    global _last_message, _last_frame
+    if message is _last_message and _last_frame[0] & 0x0F == opcode:
+        return _last_frame
+    _last_message = message
+    _last_frame = frame_header(len(message), opcode) + message
+    return _last_frame
 
 
 async def serve_websocket(request: web.Request, services: GatewayServices) -> web.WebSocketResponse:
