@@ -20,6 +20,7 @@ from gateway.connection import Connection
 from gateway.outbox import FlushScheduler
 from gateway.services import GatewayServices
 from shared.session import CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_TRY_AGAIN_LATER, Codec
+from shared.settings import Settings
 
 __all__ = ["serve_websocket"]
 
@@ -102,13 +103,14 @@ async def serve_websocket(request: web.Request, services: GatewayServices) -> we
         direct = _DirectWriter(connection, request.transport)
         connection.outbox.on_ready = direct.ready
     writer = asyncio.create_task(_write(socket, connection, direct))
-    # Clients that ping stay under keepAliveMs of silence; allow two intervals and 10 s.
-    idle_timeout = 2 * settings.keep_alive_ms / 1000 + 10
-    timeout = settings.auth_timeout_s
+    loop = asyncio.get_running_loop()
+    last_seen = [loop.time()]
+    watchdog = asyncio.create_task(_watch_silence(connection, last_seen, settings))
     graceful = False
     try:
         while not connection.is_closing:
-            message = await socket.receive(timeout=timeout)
+            message = await socket.receive()
+            last_seen[0] = loop.time()
             if message.type is WSMsgType.BINARY:
                 await connection.receive(message.data, is_text=False)
             elif message.type is WSMsgType.TEXT:
@@ -121,14 +123,10 @@ async def serve_websocket(request: web.Request, services: GatewayServices) -> we
                     CLOSE_GOING_AWAY,
                 )
                 break
-            if connection.is_connected:
-                timeout = idle_timeout
-    except TimeoutError:
-        reason = "idle timeout" if connection.is_connected else "no auth frame in time"
-        connection.close(CLOSE_NORMAL, reason)
     except (ConnectionResetError, asyncio.CancelledError):
         pass
     finally:
+        watchdog.cancel()
         connection.close(connection.close_code, connection.close_reason)
         try:
             await asyncio.wait_for(writer, _WRITE_DRAIN_TIMEOUT_S)
@@ -136,6 +134,24 @@ async def serve_websocket(request: web.Request, services: GatewayServices) -> we
             writer.cancel()
         await connection.finish(graceful)
     return socket
+
+
+async def _watch_silence(
+    connection: Connection, last_seen: list[float], settings: Settings
+) -> None:
+    """Close a socket that sent no auth in time, or went silent for longer than a pinging
+    client ever does (two keep-alive intervals and 10 s). One timer per connection per
+    interval, instead of a timeout armed around every receive."""
+    loop = asyncio.get_running_loop()
+    idle_timeout = 2 * settings.keep_alive_ms / 1000 + 10
+    while not connection.is_closing:
+        allowed = idle_timeout if connection.is_connected else settings.auth_timeout_s
+        remaining = last_seen[0] + allowed - loop.time()
+        if remaining <= 0:
+            reason = "idle timeout" if connection.is_connected else "no auth frame in time"
+            connection.close(CLOSE_NORMAL, reason)
+            return
+        await asyncio.sleep(remaining)
 
 
 async def _write(

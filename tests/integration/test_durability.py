@@ -225,9 +225,12 @@ async def test_resume_connection_id_is_kept(cluster: Cluster) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_cluster() -> Iterator[Cluster]:
-    with running_cluster(
-        {"RT_RETENTION_MAX_PER_CHANNEL": "5", "RT_REQUEST_TIMEOUT_S": "1"}
-    ) as running:
+    environment = {
+        "RT_RETENTION_MAX_PER_CHANNEL": "5",
+        "RT_REQUEST_TIMEOUT_S": "1",
+        "RT_AUTH_TIMEOUT_S": "1",
+    }
+    with running_cluster(environment) as running:
         yield running
 
 
@@ -297,3 +300,18 @@ async def test_resend_pipelined_into_the_same_batch_is_stored_once(cluster: Clus
         await watcher.receive_until("msg", timeout=0.3)
     await client.close()
     await watcher.close()
+
+
+async def test_socket_without_auth_is_closed_after_the_auth_timeout(tiny_cluster: Cluster) -> None:
+    client = await JsonClient.connect(tiny_cluster.a.url)
+    started = asyncio.get_running_loop().time()
+    await asyncio.wait_for(client.socket.wait_closed(), 5)
+    waited = asyncio.get_running_loop().time() - started
+    assert 0.8 <= waited <= 3, waited
+    # An authenticated, pinging connection is not closed by the same watchdog.
+    alive = await json_client(tiny_cluster.a.url)
+    for _ in range(3):
+        await asyncio.sleep(0.6)
+        await alive.send({"t": "ping"})
+        assert await alive.receive() == {"t": "pong"}
+    await alive.close()
