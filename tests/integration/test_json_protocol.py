@@ -332,3 +332,12 @@ async def test_capability_denials(cluster: Cluster) -> None:
     denied = await client.request("sub", channel="other")
     assert denied["code"] == 40302
     await client.close()
+
+
+async def test_token_expiry_while_connected_sends_40102_and_closes(cluster: Cluster) -> None:
+    client = await JsonClient.connect(cluster.a.url)
+    connected = await client.auth(token=make_token(sub="short", exp=int(time.time()) + 2))
+    assert connected["t"] == "connected"
+    notice = await client.receive(timeout=5)
+    assert notice["t"] == "err" and notice["code"] == 40102 and "id" not in notice
+    await asyncio.wait_for(client.socket.wait_closed(), 5)
