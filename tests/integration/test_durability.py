@@ -87,10 +87,13 @@ async def test_four_publishers_two_gateways_subscriber_joins_and_resumes(cluster
         if frame["t"] == "msg":
             seen.append(frame["seq"])
     subscriber.backlog.clear()
-    while len(seen) < total // 2:
+    half = total // 2
+    while not seen or seen[-1] < half:
         frame = await subscriber.receive(timeout=20)
         if frame["t"] == "msg":
             seen.append(frame["seq"])
+    # The connection drops having processed up to the midpoint; what it had beyond is lost.
+    seen = [serial for serial in seen if serial <= half]
     await subscriber.close()
     # Resume on the other gateway from the last serial seen.
     resumed = await json_client(cluster.b.url)
@@ -101,7 +104,7 @@ async def test_four_publishers_two_gateways_subscriber_joins_and_resumes(cluster
     acked = [serial for burst in await asyncio.gather(*bursts) for serial in burst]
     if (seen + rest)[-1] < total:
         rest += await collect(resumed, total)
-    assert seen[0] == 2 and rest, "the subscriber joined and resumed while publishing went on"
+    assert seen[0] == 2 and seen[-1] == half and rest
     assert seen + rest == list(range(2, total + 1)), "every serial once, in order"
     assert sorted(acked) == list(range(2, total + 1))
     for burst in bursts:
