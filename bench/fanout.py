@@ -7,6 +7,7 @@ the publisher in another; the parent only samples counters and CPU times.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import os
 import statistics
@@ -77,9 +78,17 @@ def _subscriber_main(
             mode=spec.mode,
         )
         ready.release()
+        # Keep-alive like the SDKs: gateways drop connections that stay silent.
+        ping = b"\x01\x0a"
+        last_ping = time.monotonic()
         while not stop.is_set():
             counts[slot] = counter.deliveries
             await asyncio.sleep(0.05)
+            if spec.mode == "realtime" and time.monotonic() - last_ping > 10:
+                last_ping = time.monotonic()
+                for client in clients:
+                    if client.transport is not None and not client.transport.is_closing():
+                        client.send(ping)
         counts[slot] = counter.deliveries
         latencies.put(counter.latencies_ms)
         for client in clients:
@@ -188,6 +197,7 @@ async def _publish_realtime(
 
 async def _publish_nats(url: str, rate: float, seconds: float) -> int:
     import nats
+    import nats.errors
 
     nc = await nats.connect(url)
     filler = _filler()
@@ -200,8 +210,11 @@ async def _publish_nats(url: str, rate: float, seconds: float) -> int:
         await nc.publish(NATS_SUBJECT, _payload(filler))
         sent += 1
         if sent % 256 == 0:
-            await nc.flush()
-    await nc.flush()
+            # An overloaded server answers flushes late; keep publishing regardless.
+            with contextlib.suppress(nats.errors.Error, TimeoutError):
+                await nc.flush(timeout=5)
+    with contextlib.suppress(nats.errors.Error, TimeoutError):
+        await nc.flush(timeout=5)
     await nc.close()
     return sent
 

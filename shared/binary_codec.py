@@ -205,10 +205,6 @@ class _Reader:
             raise self.error("data is not valid JSON") from None
         return value
 
-    def end(self) -> None:
-        # Trailing bytes are tolerated, like the SDKs do, so that fields can be appended later.
-        return None
-
 
 def iter_records(message: bytes) -> Iterator[bytes]:
     """Split one WebSocket message (or long-poll body) into its records.

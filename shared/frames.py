@@ -76,11 +76,6 @@ class Message:
     ephemeral: bool = False
     members: tuple[BatchMember, ...] = ()
 
-    @property
-    def is_batch(self) -> bool:
-        """True when this message is a client batch delivered as one record."""
-        return bool(self.members)
-
     def with_serial(self, serial: int) -> Message:
         """This message with its stored serial (the stored form carries serial 0)."""
         return Message(
