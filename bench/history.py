@@ -62,10 +62,11 @@ async def fill(url: str, messages: int, channels: int, busy_share: float) -> dic
 
 async def measure(
     url: str, channels: list[str], serials: dict[str, int], queries: int
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Sequential ``hist`` requests of 100 through a gateway; latency percentiles in ms."""
     rng = random.Random(2)
     latencies: list[float] = []
+    slowest: list[tuple[float, str, int, int]] = []
     async with websockets.connect(url, compression=None) as socket:
         await socket.send(
             binary_codec.frame_record(binary_codec.encode_client_frame(AuthFrame(key=APP_KEY)))
@@ -81,6 +82,7 @@ async def measure(
             await socket.send(binary_codec.frame_record(binary_codec.encode_client_frame(frame)))
             reply = await socket.recv()
             latencies.append((time.perf_counter() - started) * 1000)
+            slowest.append((latencies[-1], channel, before, newest))
             assert isinstance(reply, bytes)
             record = next(binary_codec.iter_records(reply))
             assert record[0] == binary_codec.Opcode.HIST_RES, record[:40]
@@ -89,6 +91,7 @@ async def measure(
         "p50_ms": round(statistics.median(latencies), 2),
         "p99_ms": round(latencies[int(len(latencies) * 0.99) - 1], 2),
         "queries": queries,
+        "slowest": [(round(ms, 1), c, b, n) for ms, c, b, n in sorted(slowest)[-4:]],
     }
 
 

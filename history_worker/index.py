@@ -6,8 +6,9 @@ more per page at a million messages. Knowing each message's stream sequence turn
 into independent lookups by sequence, which cost the same for quiet and busy channels.
 
 The worker learns the sequences from the stream's republished live messages (which carry
-``Nats-Sequence`` and our serial). What it has not seen (before it started, or a gap) it does
-not claim to know, and such a page is read the slow way.
+``Nats-Sequence`` and our serial). What it has not seen (before it started, or a gap when it
+fell behind) it does not claim to know: a channel's index is a list of contiguous runs, and a
+page is served from the index only when one run covers it; otherwise it is read the slow way.
 """
 
 from __future__ import annotations
@@ -18,65 +19,84 @@ from collections import OrderedDict
 __all__ = ["SequenceIndex"]
 
 
-class _Channel:
+class _Run:
+    """Stream sequences of the contiguous serials ``first_serial``, ``first_serial + 1``..."""
+
     __slots__ = ("first_serial", "sequences")
 
     def __init__(self, first_serial: int) -> None:
         self.first_serial = first_serial
         self.sequences = array("Q")
 
+    @property
+    def end(self) -> int:
+        """One past the last serial of the run."""
+        return self.first_serial + len(self.sequences)
+
 
 class SequenceIndex:
     """Stream sequences of the newest ``per_channel`` serials of channels, at most
-    ``max_entries`` in all (8 bytes each; the least recently written channels are forgotten
-    first). The default per channel matches the default retention, so every retained message
-    of a channel can be indexed; the default total is 64 MB."""
+    ``max_entries`` in all (8 bytes each, so 64 MB by default; the least recently written
+    channels are forgotten first). The total is the real bound; the per-channel cap only keeps
+    one runaway channel from evicting all the others."""
 
-    def __init__(self, per_channel: int = 10_000, max_entries: int = 8_000_000) -> None:
+    def __init__(self, per_channel: int = 1_000_000, max_entries: int = 8_000_000) -> None:
         self.per_channel = per_channel
         self.max_entries = max_entries
-        self._entries: OrderedDict[str, _Channel] = OrderedDict()
+        self._channels: OrderedDict[str, list[_Run]] = OrderedDict()
+        self._sizes: dict[str, int] = {}
         self._total = 0
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._channels)
 
     def record(self, subject: str, serial: int, sequence: int) -> None:
         """Note that ``serial`` of the channel ``subject`` is at stream ``sequence``."""
-        entry = self._entries.get(subject)
-        if entry is None or serial != entry.first_serial + len(entry.sequences):
-            if entry is not None and serial < entry.first_serial + len(entry.sequences):
-                return  # a replayed or duplicate delivery: already known
-            # New channel, or a gap (we missed messages): start over from here.
-            if entry is not None:
-                self._total -= len(entry.sequences)
-            entry = _Channel(serial)
-            self._entries[subject] = entry
+        runs = self._channels.get(subject)
+        if runs is None:
+            runs = self._channels[subject] = []
+            self._sizes[subject] = 0
         else:
-            self._entries.move_to_end(subject)
-        entry.sequences.append(sequence)
+            self._channels.move_to_end(subject)
+        if runs and serial < runs[-1].end:
+            return  # a replayed or duplicate delivery: already known
+        if not runs or serial != runs[-1].end:
+            runs.append(_Run(serial))  # first sight, or a gap: a new run
+        runs[-1].sequences.append(sequence)
+        self._sizes[subject] += 1
         self._total += 1
-        excess = len(entry.sequences) - self.per_channel
+        excess = self._sizes[subject] - self.per_channel
         if excess > self.per_channel // 4:
-            del entry.sequences[:excess]
-            entry.first_serial += excess
-            self._total -= excess
-        while self._total > self.max_entries and len(self._entries) > 1:
-            _, forgotten = self._entries.popitem(last=False)
-            self._total -= len(forgotten.sequences)
+            self._trim(subject, runs, excess)
+        while self._total > self.max_entries and len(self._channels) > 1:
+            oldest, _ = self._channels.popitem(last=False)
+            self._total -= self._sizes.pop(oldest)
+
+    def _trim(self, subject: str, runs: list[_Run], count: int) -> None:
+        """Drop the ``count`` oldest entries of a channel."""
+        while count > 0 and runs:
+            run = runs[0]
+            if len(run.sequences) <= count:
+                count -= len(run.sequences)
+                self._sizes[subject] -= len(run.sequences)
+                self._total -= len(run.sequences)
+                runs.pop(0)
+            else:
+                del run.sequences[:count]
+                run.first_serial += count
+                self._sizes[subject] -= count
+                self._total -= count
+                count = 0
 
     def sequences(self, subject: str, first: int, last: int) -> list[int] | None:
-        """Sequences of serials ``first..last``, or ``None`` unless all are known."""
-        entry = self._entries.get(subject)
-        if entry is None or first < entry.first_serial:
-            return None
-        end = last - entry.first_serial + 1
-        if end > len(entry.sequences):
-            return None
-        return list(entry.sequences[first - entry.first_serial : end])
+        """Sequences of serials ``first..last``, or ``None`` unless one run has them all."""
+        for run in reversed(self._channels.get(subject, ())):
+            if run.first_serial <= first and last < run.end:
+                offset = run.first_serial
+                return list(run.sequences[first - offset : last - offset + 1])
+        return None
 
     def forget(self, subject: str) -> None:
         """Drop what is known of a channel (a lookup found it stale)."""
-        entry = self._entries.pop(subject, None)
-        if entry is not None:
-            self._total -= len(entry.sequences)
+        if self._channels.pop(subject, None) is not None:
+            self._total -= self._sizes.pop(subject)

@@ -20,9 +20,11 @@ def test_gap_restarts_and_duplicates_are_ignored() -> None:
     index.record("s", 2, 20)
     index.record("s", 2, 20)  # a duplicate delivery
     assert index.sequences("s", 1, 2) == [10, 20]
-    index.record("s", 5, 50)  # we missed 3 and 4
-    assert index.sequences("s", 1, 2) is None
-    assert index.sequences("s", 5, 5) == [50]
+    index.record("s", 5, 50)  # we missed 3 and 4: a new run; the old one still answers
+    index.record("s", 6, 60)
+    assert index.sequences("s", 1, 2) == [10, 20]
+    assert index.sequences("s", 5, 6) == [50, 60]
+    assert index.sequences("s", 2, 5) is None  # spans the gap
 
 
 def test_bounded_per_channel_and_in_channels() -> None:
