@@ -72,11 +72,10 @@ _MAX_FETCH = 1000
 class _ReplayGate:
     """Holds a channel's live deliveries while its resume replay is read."""
 
-    __slots__ = ("buffer", "overflowed")
+    __slots__ = ("buffer",)
 
     def __init__(self) -> None:
         self.buffer: list[Delivery] = []
-        self.overflowed = False
 
 
 class Connection:
@@ -120,7 +119,7 @@ class Connection:
             self.send(command.frame)
         elif isinstance(command, Publish):
             # Waiting here (not in the task) pushes back on a client that floods publishes,
-            # and keeps per-channel order: tasks reach the broker's channel lock in order.
+            # and keeps per-channel order: tasks reach the broker's channel queue in order.
             await self._in_flight.acquire()
             self._spawn(self._publish(command))
         elif isinstance(command, Request):
@@ -153,8 +152,8 @@ class Connection:
             if gate is not None:
                 if len(gate.buffer) < _MAX_REPLAY_BUFFER:
                     gate.buffer.append(delivery)
-                else:
-                    gate.overflowed = True
+                else:  # dropped like any overflow: the client sees the gap and fetches
+                    METRICS.dropped.inc()
                 return
         data = delivery.json if self.session.codec is Codec.JSON else delivery.binary
         if not self.outbox.offer(data):

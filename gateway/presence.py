@@ -67,6 +67,9 @@ class _WatchedChannel:
     watchers: dict[Connection, set[str]] = field(default_factory=dict)
     references: int = 0
     task: asyncio.Task[None] | None = None
+    # Members this gateway admitted whose KV write the watch has not echoed yet: counted
+    # against the member limit so that quick successive enters cannot overshoot it.
+    admitted: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -90,7 +93,8 @@ class PresenceService:
         self._owned: dict[str, _Owned] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._kv: KeyValue | None = None
-        self._started = False
+        # Channels each connection watches, so a close touches only those.
+        self._watching: dict[Connection, set[str]] = {}
         # Tells our own resume announcements apart from other gateways'.
         self._instance = uuid.uuid4().hex
 
@@ -101,7 +105,6 @@ class PresenceService:
         await self.broker.ready.wait()
         nc = self.broker.client()
         await nc.subscribe(f"{RESUMED_SUBJECT}.>", cb=self._on_resumed_elsewhere)
-        self._started = True
         interval = max(0.5, self.settings.presence_ttl_s / 3)
         while True:
             await asyncio.sleep(interval)
@@ -152,6 +155,7 @@ class PresenceService:
                         entry.ready.set_result(None)
                     continue
                 connection_id = update.key.rsplit(".", 1)[1]
+                entry.admitted.discard(connection_id)
                 if update.operation in ("DEL", "PURGE"):
                     event = entry.members.remove(connection_id, _now_ms())
                 else:
@@ -188,6 +192,7 @@ class PresenceService:
         snapshot (one ``enter`` per member), atomically with the start of live events."""
         entry = await self._watched(app, channel)
         reasons = entry.watchers.setdefault(connection, set())
+        self._watching.setdefault(connection, set()).add(channel)
         if reason == WatchReason.EXPLICIT:
             for event in entry.members.snapshot():
                 connection.send(event)
@@ -204,6 +209,11 @@ class PresenceService:
         held.difference_update(reasons)
         if not held:
             del entry.watchers[connection]
+            watched = self._watching.get(connection)
+            if watched is not None:
+                watched.discard(channel)
+                if not watched:
+                    del self._watching[connection]
             self._release(app, channel)
 
     # ---- membership ----
@@ -233,14 +243,27 @@ class PresenceService:
         if current is None:
             entry = await self._watched(identity.app, channel)
             limit = self.settings.presence_max_members
-            if connection_id not in entry.members.members and len(entry.members) >= limit:
+            known = entry.members.members
+            if connection_id not in known and len(known.keys() | entry.admitted) >= limit:
                 raise ProtocolError(
                     ErrorCode.RATE_LIMITED, f"channel {channel!r} has {limit} members already"
                 )
+            entry.admitted.add(connection_id)
             entry.references += 1
         record = MemberRecord(identity.client_id, connection_id, data, encoding, _now_ms())
         owned.memberships[channel] = record
-        await self._write(identity.app, channel, record)
+        try:
+            await self._write(identity.app, channel, record)
+        except ProtocolError:
+            if current is None:  # not a member after all: give the slot back
+                del owned.memberships[channel]
+                watched = self._channels.get(channel_pattern(identity.app, channel))
+                if watched is not None:
+                    watched.admitted.discard(connection_id)
+                self._unreference(identity.app, channel)
+            else:
+                owned.memberships[channel] = current
+            raise
 
     def _adopt(self, connection: Connection, app: str, client_id: str) -> _Owned:
         owned = _Owned(app, client_id, connection)
@@ -270,12 +293,11 @@ class PresenceService:
 
     def connection_closed(self, connection: Connection, graceful: bool) -> None:
         """Stop its watchers; leave its channels now (clean close) or after the grace."""
-        for entry in list(self._channels.values()):
-            if connection in entry.watchers:
-                del entry.watchers[connection]
-                app = self._app_of(connection)
-                if app is not None:
-                    self._release(app, entry.members.channel)
+        app = self._app_of(connection)
+        for channel in self._watching.pop(connection, ()):
+            entry = self._channels.get(channel_pattern(app or "", channel))
+            if entry is not None and entry.watchers.pop(connection, None) is not None and app:
+                self._release(app, channel)
         connection_id = connection.session.connection_id
         owned = self._owned.get(connection_id)
         if owned is None or owned.connection is not connection:
