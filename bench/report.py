@@ -21,8 +21,8 @@ NOTES = [
     "gateways, so its CPU per 1M deliveries includes publishing.",
     "- Stored publishes cost ~60 us of gateway CPU each plus ~25 us of nats-server; on two "
     "shared cores that caps the total near the measured numbers.",
-    "- The busy channel's p99 comes from random deep pages older than the 10,000 newest "
-    "serials the history worker indexes per channel; those take the slower search path.",
+    "- The busy channel's slowest `hist` queries are random deep pages; the worker's index "
+    "covers them, so the time goes to nats-server reading older, cold blocks of the stream.",
 ]
 
 
