@@ -240,19 +240,46 @@ class Connection:
                 )
                 self.send(AckFrame(frame.id))
         except ProtocolError as error:
+            await self._undo(command)
             self.send(ErrorFrame(int(error.code), error.message, frame.id))
         except (TimeoutError, NatsError) as error:
+            await self._undo(command)
             log.warning("%s failed: %s", type(frame).__name__, error)
             self.send(ErrorFrame(int(ErrorCode.SERVER), "backend error, retry", frame.id))
+
+    async def _undo(self, command: Request) -> None:
+        """A new ``sub`` or ``presSub`` that failed leaves nothing behind: no slot in the
+        session, no live subscription, no presence watch (the client will retry it)."""
+        if not command.fresh:
+            return
+        frame = command.frame
+        app = self._app()
+        if isinstance(frame, SubscribeFrame):
+            self.session.forget_channel(frame.channel)
+            self._replay_gates.pop(frame.channel, None)
+            with contextlib.suppress(Exception):
+                await self.services.router.remove(app, frame.channel, self)
+            if self.session.codec is Codec.JSON:
+                self.services.presence.unsubscribe(
+                    self, app, frame.channel, (WatchReason.IMPLICIT,)
+                )
+        elif isinstance(frame, PresenceSubscribeFrame):
+            self.session.forget_presence_channel(frame.channel)
+            self.services.presence.unsubscribe(self, app, frame.channel, (WatchReason.EXPLICIT,))
 
     async def _subscribe(self, frame: SubscribeFrame) -> None:
         identity = self.session.identity
         assert identity is not None
         channel = frame.channel
         if self.session.codec is Codec.JSON:
-            await self.services.presence.subscribe(
-                self, identity.app, channel, WatchReason.IMPLICIT
-            )
+            try:
+                await self.services.presence.subscribe(
+                    self, identity.app, channel, WatchReason.IMPLICIT
+                )
+            except (ProtocolError, TimeoutError, NatsError) as error:
+                # Messages matter more than the presence events JSON clients get with them:
+                # the subscription goes ahead without them.
+                log.warning("presence events for a JSON sub unavailable: %s", error)
         if not (frame.last_serial or frame.last_message_id):
             await self.services.router.add(identity.app, channel, self)
             self.send(AckFrame(frame.id))

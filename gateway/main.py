@@ -7,6 +7,7 @@ import gc
 import logging
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.app import create_app
 from gateway.services import GatewayServices
@@ -21,8 +22,24 @@ _SHUTDOWN_GRACE_S = 2.0
 _GC_THRESHOLD_YOUNG = 50_000
 
 
+class _OneLineBadRequests(logging.Filter):
+    """aiohttp logs a malformed request (bad request line, bad headers) with a ten-line
+    traceback; the peer caused it, so one line with the reason is all an operator needs
+    (and the handlers' rate limit keeps a flood of them to one line per interval)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            record.msg = "malformed HTTP request: %s"
+            record.args = (" ".join(str(error).split())[:200],)
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
 async def run_gateway(settings: Settings, stop: asyncio.Event) -> None:
     """Serve until ``stop`` is set, then close every connection with 1001 and exit."""
+    logging.getLogger("aiohttp.server").addFilter(_OneLineBadRequests())
     services = GatewayServices.create(settings)
     services.broker.start()
     presence = asyncio.create_task(services.presence.start(), name="presence")

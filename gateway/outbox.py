@@ -2,10 +2,16 @@
 
 Live deliveries beyond ``max_bytes`` are dropped (subscribers heal holes with ``fetch``);
 replies are always queued, but a connection whose queue passes twice the bound is marked
-overflowed and closed by its transport, so a client that stops reading cannot grow memory
-without bound. Binary connections get every queued record in as few WebSocket messages as
-possible (each at most ``max_message_bytes`` unless one record is larger); JSON connections
-get one message per frame, as JSON-era clients require.
+overflowed: its queue is discarded at once and ``on_overflow`` tells the transport to close
+it, so a client that stops reading cannot grow memory without bound. Sizes count what an
+item really holds (the bytes plus the object and queue slot), not only ``len()``: a flood of
+tiny replies costs several times its payload. Above half the bound the queue reports
+``backed_up``; transports stop reading the client's input until it drains (TCP
+back-pressure instead of buffering its replies).
+
+Binary connections get every queued record in as few WebSocket messages as possible (each
+at most ``max_message_bytes`` unless one record is larger); JSON connections get one message
+per frame, as JSON-era clients require.
 """
 
 from __future__ import annotations
@@ -14,7 +20,11 @@ import asyncio
 from collections import deque
 from collections.abc import Callable
 
-__all__ = ["FlushScheduler", "Outbox"]
+__all__ = ["ITEM_OVERHEAD_BYTES", "FlushScheduler", "Outbox"]
+
+# What one queued bytes object costs beyond its payload: the object header (33 bytes on
+# 64-bit CPython), allocator rounding and the deque slot.
+ITEM_OVERHEAD_BYTES = 64
 
 
 class FlushScheduler:
@@ -57,40 +67,77 @@ class Outbox:
         self._items: deque[bytes] = deque()
         self._size = 0
         self._wakeup = asyncio.Event()
+        # Created only while a reader waits for the queue to drain.
+        self._drained: asyncio.Future[None] | None = None
         # A transport that writes directly sets this; it is called when the queue goes from
         # empty to non-empty (else ``get`` waiters are woken).
         self.on_ready: Callable[[], None] | None = None
+        # Called once when the queue overflows (the transport closes the connection).
+        self.on_overflow: Callable[[], None] | None = None
 
     @property
     def size(self) -> int:
         """Bytes queued."""
         return self._size
 
+    @property
+    def backed_up(self) -> bool:
+        """True while more than half the bound waits: stop reading the client's input."""
+        return self._size > self.max_bytes // 2
+
     def put(self, data: bytes) -> None:
-        """Queue a reply (never dropped)."""
-        if self.closed:
+        """Queue a reply (never dropped; past twice the bound the connection overflows)."""
+        if self.closed or self.overflowed:
             return
         was_empty = not self._items
         self._items.append(data)
-        self._size += len(data)
+        self._size += len(data) + ITEM_OVERHEAD_BYTES
         if self._size > 2 * self.max_bytes:
-            self.overflowed = True
-        if was_empty:
+            self._overflow()
+        elif was_empty:
             self._signal()
 
     def offer(self, data: bytes) -> bool:
         """Queue a live delivery unless the queue is full; return whether it was queued."""
-        if self.closed:
+        if self.closed or self.overflowed:
             return False
-        if self._size + len(data) > self.max_bytes:
+        cost = len(data) + ITEM_OVERHEAD_BYTES
+        if self._size + cost > self.max_bytes:
             self.dropped += 1
             return False
         was_empty = not self._items
         self._items.append(data)
-        self._size += len(data)
+        self._size += cost
         if was_empty:
             self._signal()
         return True
+
+    def _overflow(self) -> None:
+        self.overflowed = True
+        self.discard()
+        if self.on_overflow is not None:
+            self.on_overflow()
+        self._wakeup.set()
+
+    def discard(self) -> None:
+        """Drop everything queued (the connection is being torn down)."""
+        self._items.clear()
+        self._size = 0
+        self._notify_drained()
+
+    async def wait_drained(self) -> None:
+        """Wait until the queue is no longer ``backed_up`` (or is closed)."""
+        while self.backed_up and not self.closed:
+            if self._drained is None:
+                self._drained = asyncio.get_running_loop().create_future()
+            await self._drained
+
+    def _notify_drained(self) -> None:
+        drained = self._drained
+        if drained is not None and not self.backed_up:
+            self._drained = None
+            if not drained.done():
+                drained.set_result(None)
 
     def _signal(self) -> None:
         if self.on_ready is not None:
@@ -111,6 +158,9 @@ class Outbox:
         """Stop accepting frames; ``get`` returns what is queued, then nothing."""
         self.closed = True
         self._wakeup.set()
+        drained, self._drained = self._drained, None
+        if drained is not None and not drained.done():
+            drained.set_result(None)
 
     async def get(self) -> list[bytes]:
         """Wait for frames; return them as WebSocket messages. Empty once closed and drained."""
@@ -146,4 +196,6 @@ class Outbox:
                 messages.append(group[0] if len(group) == 1 else b"".join(group))
         items.clear()
         self._size = 0
+        if self._drained is not None:
+            self._notify_drained()
         return messages

@@ -348,10 +348,11 @@ class PresenceService:
             )
 
     async def _on_resumed_elsewhere(self, msg: Msg) -> None:
-        connection_id = msg.subject.rsplit(".", 1)[1]
+        # rt.presence.resumed.<app>.<connectionId>: the announcing client's app.
+        app, _, connection_id = msg.subject[len(RESUMED_SUBJECT) + 1 :].rpartition(".")
         owned = self._owned.get(connection_id)
-        if owned is None:
-            return
+        if owned is None or owned.app != app:
+            return  # never let a client of another app end this connection
         with contextlib.suppress(orjson.JSONDecodeError, KeyError):
             announcement = orjson.loads(msg.data)
             if announcement["gateway"] == self._instance:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-import secrets
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -12,6 +10,7 @@ from gateway.fanout import ChannelRouter
 from gateway.history_client import HistoryClient
 from gateway.presence import PresenceService
 from shared.auth import Identity, Keyring
+from shared.connection_ids import belongs_to_app, new_connection_id
 from shared.session import Limits
 from shared.settings import Settings
 
@@ -19,8 +18,6 @@ if TYPE_CHECKING:
     from gateway.connection import Connection
 
 __all__ = ["ConnectionRegistry", "GatewayServices"]
-
-_CONNECTION_ID = re.compile(r"[A-Za-z0-9_\-]{8,64}")
 
 
 class ConnectionRegistry:
@@ -36,16 +33,18 @@ class ConnectionRegistry:
         """Choose the id of a new connection: the resumed one when allowed, else a fresh one.
 
         Returns the id and the connection it takes over (a half-open predecessor with the
-        same app and clientId), if any. An unusable resume id never fails the handshake.
+        same app and clientId), if any. An id issued in another app is never reused (ids are
+        bound to their app, ``shared.connection_ids``). An unusable resume id never fails the
+        handshake.
         """
-        if resume_id and _CONNECTION_ID.fullmatch(resume_id):
+        if resume_id and belongs_to_app(resume_id, identity.app):
             holder = self.connections.get(resume_id)
             if holder is None:
                 return resume_id, None
             held_by = holder.session.identity
             if held_by and (held_by.app, held_by.client_id) == (identity.app, identity.client_id):
                 return resume_id, holder
-        return secrets.token_urlsafe(12), None
+        return new_connection_id(identity.app), None
 
     def add(self, connection_id: str, connection: Connection) -> None:
         """Register ``connection`` under ``connection_id``."""

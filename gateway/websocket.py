@@ -27,6 +27,8 @@ __all__ = ["serve_websocket"]
 log = logging.getLogger(__name__)
 
 _WRITE_DRAIN_TIMEOUT_S = 5.0
+# How long the close handshake may take before the transport is aborted.
+_CLOSE_TIMEOUT_S = 2.0
 # Above this many unsent bytes in the transport, stop writing directly and wait for drain.
 _TRANSPORT_HIGH_WATER = 256 * 1024
 _TRANSPORT_LOW_WATER = 64 * 1024
@@ -59,7 +61,7 @@ class _DirectWriter:
     def flush(self) -> None:
         outbox = self.connection.outbox
         transport = self.transport
-        if self.backed_up or outbox.closed or outbox.overflowed or transport.is_closing():
+        if self.backed_up or outbox.closed or transport.is_closing():
             outbox.wake()  # the writer task handles slow sockets, overflow and closing
             return
         if transport.get_write_buffer_size() > _TRANSPORT_HIGH_WATER:
@@ -86,7 +88,12 @@ def _framed(message: bytes, opcode: int) -> bytes:
 
 
 async def serve_websocket(request: web.Request, services: GatewayServices) -> web.WebSocketResponse:
-    """Accept a WebSocket on any path and run one connection until it ends."""
+    """Accept a WebSocket on any path and run one connection until it ends.
+
+    Every way a connection ends (client close, server close, reset, overflow, an unexpected
+    error) runs the same teardown: the writer is given a bounded time to send the close
+    frame, the transport is aborted if it could not, and ``Connection.finish`` always runs.
+    """
     settings = services.settings
     # Compression off: permessage-deflate doubles fan-out CPU (../shared/NOTES-STACK.md), and
     # browsers always offer it. aiohttp's own size cap sits well above the protocol's limit
@@ -98,17 +105,25 @@ async def serve_websocket(request: web.Request, services: GatewayServices) -> we
     )
     await socket.prepare(request)
     connection = Connection(services, "websocket")
+    transport = request.transport
     direct: _DirectWriter | None = None
-    if request.transport is not None:
-        direct = _DirectWriter(connection, request.transport)
+    if transport is not None:
+        direct = _DirectWriter(connection, transport)
         connection.outbox.on_ready = direct.ready
     writer = asyncio.create_task(_write(socket, connection, direct))
+    connection.outbox.on_overflow = lambda: _overflowed(connection, writer)
     loop = asyncio.get_running_loop()
     last_seen = [loop.time()]
     watchdog = asyncio.create_task(_watch_silence(connection, last_seen, settings))
     graceful = False
+    outbox = connection.outbox
     try:
         while not connection.is_closing:
+            if outbox.backed_up:
+                # The client does not read its replies: stop reading its requests until it
+                # does, so TCP pushes back on it instead of our memory growing.
+                await outbox.wait_drained()
+                continue
             message = await socket.receive()
             last_seen[0] = loop.time()
             if message.type is WSMsgType.BINARY:
@@ -123,17 +138,31 @@ async def serve_websocket(request: web.Request, services: GatewayServices) -> we
                     CLOSE_GOING_AWAY,
                 )
                 break
-    except (ConnectionResetError, asyncio.CancelledError):
+    except (ConnectionError, asyncio.CancelledError):
         pass
+    except Exception:
+        log.exception("connection %s failed", connection.session.connection_id or "(no id yet)")
     finally:
         watchdog.cancel()
         connection.close(connection.close_code, connection.close_reason)
         try:
-            await asyncio.wait_for(writer, _WRITE_DRAIN_TIMEOUT_S)
-        except (TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.shield(writer), _WRITE_DRAIN_TIMEOUT_S)
+        except BaseException:  # whatever happened (timeout, cancel), tear down below
             writer.cancel()
+        if transport is not None and transport.get_write_buffer_size():
+            # Bytes the client never read would keep the socket (and its memory) alive.
+            transport.abort()
         await connection.finish(graceful)
     return socket
+
+
+def _overflowed(connection: Connection, writer: asyncio.Task[None]) -> None:
+    """The client stopped reading and its queue passed twice the bound: close it (1013).
+
+    The queued data is already discarded; the writer, possibly stuck waiting for the socket
+    to drain, is cancelled and tries the close frame for a bounded time, then aborts."""
+    connection.close(CLOSE_TRY_AGAIN_LATER, "slow consumer")
+    writer.cancel()
 
 
 async def _watch_silence(
@@ -165,9 +194,6 @@ async def _write(
             messages = await outbox.get()
             if not messages:
                 break
-            if outbox.overflowed:
-                connection.close(CLOSE_TRY_AGAIN_LATER, "slow consumer")
-                break
             opcode = WSMsgType.TEXT if connection.session.codec is Codec.JSON else WSMsgType.BINARY
             for message in messages:
                 await socket.send_frame(message, opcode)
@@ -182,10 +208,19 @@ async def _write(
                     await asyncio.sleep(_DRAIN_POLL_S)
                 if not outbox.pending:
                     direct.backed_up = False
-    except (ConnectionResetError, RuntimeError) as error:
-        log.debug("write ended: %s", error)
+    except (ConnectionError, RuntimeError, asyncio.CancelledError) as error:
+        # ConnectionError covers aiohttp's "Connection lost" as well as resets.
+        log.debug("write ended: %r", error)
     finally:
-        with contextlib.suppress(Exception):
-            await socket.close(
-                code=connection.close_code, message=connection.close_reason.encode()[:120]
+        # However the writing ended, the connection ends: the reader may be paused waiting
+        # for this queue to drain.
+        connection.close(connection.close_code, connection.close_reason)
+        outbox.discard()
+        # A client that does not read never answers the close frame: bounded wait.
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(
+                socket.close(
+                    code=connection.close_code, message=connection.close_reason.encode()[:120]
+                ),
+                _CLOSE_TIMEOUT_S,
             )

@@ -18,7 +18,7 @@ from jwt.warnings import InsecureKeyLengthWarning
 from shared.capabilities import Capability
 from shared.errors import ErrorCode, ProtocolError
 
-__all__ = ["ApiKey", "Identity", "Keyring", "parse_api_key"]
+__all__ = ["DEFAULT_TOKEN_MAX_TTL_S", "ApiKey", "Identity", "Keyring", "parse_api_key"]
 
 # Key secrets are the operator's choice (the SDK examples use short ones); pyjwt would warn on
 # every verification with a secret under 32 bytes.
@@ -66,11 +66,23 @@ def parse_api_key(text: str, capability: Capability | None = None) -> ApiKey:
     return ApiKey(name, secret, capability or Capability.allow_all())
 
 
+DEFAULT_TOKEN_MAX_TTL_S = 24 * 3600.0
+# Clock skew allowed between the token signer and the gateway when checking lifetimes.
+_CLOCK_SKEW_S = 60.0
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 class Keyring:
     """The API keys a gateway accepts, looked up by key name."""
 
-    def __init__(self, keys: Iterable[ApiKey]) -> None:
+    def __init__(
+        self, keys: Iterable[ApiKey], token_max_ttl_s: float = DEFAULT_TOKEN_MAX_TTL_S
+    ) -> None:
         self._keys = {key.name: key for key in keys}
+        self.token_max_ttl_s = token_max_ttl_s
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -117,24 +129,47 @@ class Keyring:
             raise ProtocolError(ErrorCode.AUTH_EXPIRED, "token expired") from None
         except jwt.PyJWTError as error:
             raise ProtocolError(ErrorCode.BAD_AUTH, f"invalid token: {error}") from None
+        # Claim types are checked strictly: PyJWT accepts a string "exp", which would make a
+        # token that never expires while connected.
         expires = claims.get("exp")
-        if isinstance(expires, int | float) and now >= expires:
+        if not _is_number(expires):
+            raise ProtocolError(ErrorCode.BAD_AUTH, "token exp must be a number")
+        for name in ("iat", "nbf"):
+            if name in claims and not _is_number(claims[name]):
+                raise ProtocolError(ErrorCode.BAD_AUTH, f"token {name} must be a number")
+        assert isinstance(expires, int | float)
+        if now >= expires:
             raise ProtocolError(ErrorCode.AUTH_EXPIRED, "token expired")
+        issued = claims.get("iat")
+        lifetime = expires - min(now, float(issued)) if isinstance(issued, int | float) else 0.0
+        if max(expires - now, lifetime) > self.token_max_ttl_s + _CLOCK_SKEW_S:
+            raise ProtocolError(
+                ErrorCode.BAD_AUTH,
+                f"token lifetime exceeds the {self.token_max_ttl_s:.0f} s maximum",
+            )
         return key, claims
 
     def identify(self, token: str, key_text: str, client_id: str, assign_id: str) -> Identity:
         """Authenticate an ``auth`` frame's credential; ``assign_id`` is used when no id.
 
         Key auth takes the frame's ``clientId``; token auth takes ``sub`` and rejects a
-        differing frame ``clientId``. A token's capability must be within its key's.
+        differing frame ``clientId``. A token without ``sub`` (or an empty one) gets a
+        server-assigned clientId: its holder may not choose one the signer did not grant
+        (PROTOCOL.md 4.6), so a frame ``clientId`` with it is refused. A token's capability
+        must be within its key's.
         """
         if token:
             key, claims = self.verify_token(token)
             subject = claims.get("sub")
             if subject is not None and not isinstance(subject, str):
                 raise ProtocolError(ErrorCode.BAD_AUTH, "token sub must be a string")
-            if client_id and subject and client_id != subject:
-                raise ProtocolError(ErrorCode.BAD_AUTH, "clientId differs from the token's sub")
+            if client_id and client_id != subject:
+                raise ProtocolError(
+                    ErrorCode.BAD_AUTH,
+                    "clientId differs from the token's sub"
+                    if subject
+                    else "a token without sub cannot choose a clientId",
+                )
             capability = key.capability
             if "cap" in claims:
                 try:
@@ -145,14 +180,9 @@ class Keyring:
                     raise ProtocolError(
                         ErrorCode.BAD_AUTH, "token capability exceeds its key's capability"
                     )
-            expires = claims.get("exp")
-            return Identity(
-                key.app,
-                subject or client_id or assign_id,
-                key.name,
-                capability,
-                float(expires) if isinstance(expires, int | float) else None,
-            )
+            expires = claims["exp"]
+            assert isinstance(expires, int | float)  # checked by verify_token
+            return Identity(key.app, subject or assign_id, key.name, capability, float(expires))
         if key_text:
             key = self.authenticate_key(key_text)
             return Identity(key.app, client_id or assign_id, key.name, key.capability)

@@ -40,7 +40,13 @@ from shared.frames import (
     UnsubscribeFrame,
 )
 
-__all__ = ["decode_client_text", "encode_message_text", "encode_server_text", "message_object"]
+__all__ = [
+    "MAX_DATA_DEPTH",
+    "decode_client_text",
+    "encode_message_text",
+    "encode_server_text",
+    "message_object",
+]
 
 _ACTIONS = {
     "enter": PresenceAction.ENTER,
@@ -49,6 +55,10 @@ _ACTIONS = {
 }
 _ACTION_NAMES = {value: name for name, value in _ACTIONS.items()}
 _MISSING = object()
+
+MAX_DATA_DEPTH = 254
+"""Deepest nesting of a JSON connection's ``data`` (orjson's own limit when re-encoding);
+deeper payloads get 40001 and the connection stays."""
 
 
 class _Fields:
@@ -100,7 +110,14 @@ class _Fields:
             value = self._object.get(name, _MISSING)
         if value is _MISSING:
             return None
-        return orjson.dumps(value)
+        try:
+            return orjson.dumps(value)
+        except orjson.JSONEncodeError:
+            # orjson refuses to nest deeper than MAX_DATA_DEPTH; before this was caught the
+            # connection closed with no err and the SDK resent the same publish forever.
+            raise self.error(
+                f"field {name!r} is nested deeper than {MAX_DATA_DEPTH} levels"
+            ) from None
 
     def members(self) -> tuple[BatchMember, ...]:
         value = self._object.get("messages")

@@ -16,6 +16,7 @@ States::
 from __future__ import annotations
 
 import enum
+import itertools
 import time
 import uuid
 from collections.abc import Callable
@@ -88,9 +89,17 @@ class Limits:
     keep_alive_ms: int = 15_000
     max_frame_bytes: int = 64 * 1024
     max_batch_members: int = 1000
+    # Channels a connection subscribes to or watches the presence of (sub and presSub).
     max_channels: int = 1000
     max_message_id_length: int = 256
     max_presence_data_bytes: int = 8 * 1024
+    # Before auth a client has proved nothing: its first message must be one small auth
+    # frame (a JWT with a large capability fits), so decoding it costs next to nothing.
+    max_auth_message_bytes: int = 16 * 1024
+    # Records decoded from one binary message (the SDKs send one per message); a message
+    # with more is answered once with 40001 and not decoded, so one message cannot hold
+    # the event loop for long.
+    max_records_per_message: int = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,9 +127,12 @@ class Publish:
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    """A validated, authorised request to carry out; the frame says which."""
+    """A validated, authorised request to carry out; the frame says which. ``fresh`` is true
+    for a ``sub`` or ``presSub`` of a channel the connection did not have: if carrying it out
+    fails, the adapter undoes it (``Session.forget_channel``)."""
 
     frame: RequestFrame
+    fresh: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +175,9 @@ class Session:
         self.identity: Identity | None = None
         self.connection_id = ""
         self.subscriptions: set[str] = set()
+        # Channels whose presence the client watches with presSub (they count against
+        # max_channels too: each costs the gateway a presence watch).
+        self.presence_subscriptions: set[str] = set()
         self._deferred: list[bytes] | None = None
         self._deferred_error: FrameDecodeError | None = None
 
@@ -188,7 +203,16 @@ class Session:
                     )
                 )
             ]
-        if len(data) > self.limits.max_frame_bytes:
+        limits = self.limits
+        if self.state is SessionState.AWAITING_AUTH and len(data) > limits.max_auth_message_bytes:
+            return self._close_with(
+                ProtocolError(
+                    ErrorCode.BAD_FRAME,
+                    f"the first message must be one auth frame of at most "
+                    f"{limits.max_auth_message_bytes} bytes",
+                )
+            )
+        if len(data) > limits.max_frame_bytes:
             return self._oversized(data)
         if self.codec is Codec.JSON:
             try:
@@ -198,10 +222,19 @@ class Session:
         records: list[bytes] = []
         malformed: FrameDecodeError | None = None
         try:
-            for record in binary_codec.iter_records(data):
-                records.append(record)
+            # Split at most one record more than allowed: enough to know it is too many.
+            allowed = limits.max_records_per_message
+            records.extend(itertools.islice(binary_codec.iter_records(data), allowed + 1))
         except FrameDecodeError as error:
             malformed = error
+        if len(records) > limits.max_records_per_message:
+            return self._failed(
+                ProtocolError(
+                    ErrorCode.BAD_FRAME,
+                    f"a message may carry at most {limits.max_records_per_message} records; "
+                    "none of this one was processed",
+                )
+            )
         commands = self._receive_records(records)
         if malformed is not None:
             if self._deferred is not None:
@@ -246,7 +279,9 @@ class Session:
             if self.codec is Codec.JSON:
                 request_ids.append(_request_id(json_codec.decode_client_text(data)))
             else:
-                for record in binary_codec.iter_records(data):
+                # Name the requests that can be read cheaply, so they fail instead of hanging.
+                records = binary_codec.iter_records(data)
+                for record in itertools.islice(records, self.limits.max_records_per_message):
                     request_ids.append(_request_id(binary_codec.decode_client_record(record)))
         except ProtocolError:
             pass
@@ -292,21 +327,20 @@ class Session:
         request_id = frame.id
         channel = validate_channel(frame.channel, request_id)
         capability = identity.capability
+        fresh = False
         if isinstance(frame, PublishFrame):
             capability.check(Operation.PUBLISH, channel, request_id)
             return Publish(request_id, self._message(frame))
         if isinstance(frame, SubscribeFrame):
             capability.check(Operation.SUBSCRIBE, channel, request_id)
             if channel not in self.subscriptions:
-                if len(self.subscriptions) >= self.limits.max_channels:
-                    raise ProtocolError(
-                        ErrorCode.RATE_LIMITED,
-                        f"at most {self.limits.max_channels} subscriptions per connection",
-                        request_id,
-                    )
+                self._check_channel_limit(channel, request_id)
                 self.subscriptions.add(channel)
+                fresh = True
         elif isinstance(frame, UnsubscribeFrame):
+            # unsub ends the presence watch too (PROTOCOL.md section 9 item 5).
             self.subscriptions.discard(channel)
+            self.presence_subscriptions.discard(channel)
         elif isinstance(frame, PresenceFrame):
             capability.check(Operation.PRESENCE, channel, request_id)
             size = len(frame.data or b"") + len(frame.encoding)
@@ -318,13 +352,36 @@ class Session:
                 )
         elif isinstance(frame, PresenceSubscribeFrame):
             capability.allows_any((Operation.PRESENCE, Operation.SUBSCRIBE), channel, request_id)
+            if channel not in self.presence_subscriptions:
+                self._check_channel_limit(channel, request_id)
+                self.presence_subscriptions.add(channel)
+                fresh = True
         elif isinstance(frame, HistoryFrame):
             capability.check(Operation.HISTORY, channel, request_id)
         elif isinstance(frame, FetchFrame):
             capability.allows_any((Operation.SUBSCRIBE, Operation.HISTORY), channel, request_id)
         else:
             assert isinstance(frame, PresenceUnsubscribeFrame)
-        return Request(frame)
+            self.presence_subscriptions.discard(channel)
+        return Request(frame, fresh)
+
+    def _check_channel_limit(self, channel: str, request_id: int) -> None:
+        """Refuse (42900) a new channel once sub and presSub channels reach ``max_channels``."""
+        watched = self.subscriptions | self.presence_subscriptions
+        if channel not in watched and len(watched) >= self.limits.max_channels:
+            raise ProtocolError(
+                ErrorCode.RATE_LIMITED,
+                f"at most {self.limits.max_channels} channels (sub and presSub) per connection",
+                request_id,
+            )
+
+    def forget_channel(self, channel: str) -> None:
+        """A subscribe that failed (the adapter could not carry it out) holds no slot."""
+        self.subscriptions.discard(channel)
+
+    def forget_presence_channel(self, channel: str) -> None:
+        """A presSub that failed holds no slot."""
+        self.presence_subscriptions.discard(channel)
 
     def _message(self, frame: PublishFrame) -> Message:
         identity = self.identity

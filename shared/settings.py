@@ -92,6 +92,10 @@ class Settings:
     presence_max_data_bytes: int = field(
         default=8 * 1024, metadata=_env("RT_PRESENCE_MAX_DATA_BYTES", "presence data per member")
     )
+    token_max_ttl_s: float = field(
+        default=24 * 3600.0,
+        metadata=_env("RT_TOKEN_MAX_TTL_S", "longest token lifetime accepted (exp - iat)"),
+    )
     request_timeout_s: float = field(
         default=2.0, metadata=_env("RT_REQUEST_TIMEOUT_S", "NATS request timeout (history, acks)")
     )
@@ -124,4 +128,4 @@ class Settings:
 
     def keyring(self) -> Keyring:
         """The keyring built from ``api_keys``."""
-        return Keyring(self.keys())
+        return Keyring(self.keys(), self.token_max_ttl_s)

@@ -4,6 +4,12 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import os
+import socket
+import struct
+import urllib.request
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -176,3 +182,95 @@ class TcpProxy:
         self.cut()
         if self._server is not None:
             self._server.close()
+
+
+class RawWebSocket:
+    """A blocking, hand-driven WebSocket client for hostile-client tests: it reads only when
+    told to (a tiny receive buffer makes the server's writes back up quickly), sends frames
+    as fast as the kernel accepts them, and can drop the connection with a TCP reset."""
+
+    def __init__(self, port: int, receive_buffer: int = 4096, handshake: bool = True) -> None:
+        self.sock = socket.socket()
+        # Set before connect so the advertised window stays small.
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        self.sock.settimeout(5)
+        self.sock.connect(("127.0.0.1", port))
+        if handshake:
+            self.handshake(port)
+
+    def handshake(self, port: int) -> None:
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall(
+            (
+                f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                "Sec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = self.sock.recv(1)
+            if not chunk:
+                raise ConnectionError("closed during the handshake")
+            head += chunk
+        assert head.startswith(b"HTTP/1.1 101"), head
+
+    @staticmethod
+    def frame(payload: bytes, opcode: int = 0x1) -> bytes:
+        """One masked client frame."""
+        mask = os.urandom(4)
+        length = len(payload)
+        if length < 126:
+            header = bytes((0x80 | opcode, 0x80 | length))
+        elif length < 65536:
+            header = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, length)
+        else:
+            header = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, length)
+        masked = bytes(byte ^ mask[index % 4] for index, byte in enumerate(payload))
+        return header + mask + masked
+
+    def send_json(self, frame: dict[str, Any]) -> None:
+        self.sock.sendall(self.frame(orjson.dumps(frame)))
+
+    def receive_frame(self) -> tuple[int, bytes]:
+        """Read one unmasked server frame: (opcode, payload)."""
+        first, second = self._exactly(2)
+        length = second & 0x7F
+        if length == 126:
+            (length,) = struct.unpack("!H", self._exactly(2))
+        elif length == 127:
+            (length,) = struct.unpack("!Q", self._exactly(8))
+        return first & 0x0F, self._exactly(length)
+
+    def _exactly(self, count: int) -> bytes:
+        data = b""
+        while len(data) < count:
+            chunk = self.sock.recv(count - len(data))
+            if not chunk:
+                raise ConnectionError("closed")
+            data += chunk
+        return data
+
+    def reset(self) -> None:
+        """Drop the connection abruptly (RST, as when a client's network dies)."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()
+
+
+def gateway_rss_bytes(service: Service) -> int:
+    """Resident memory of a service process."""
+    for line in Path(f"/proc/{service.process.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+def metric_value(service: Service, name: str) -> float:
+    """Sum of the samples of ``name`` on a gateway's ``/metrics``."""
+    with urllib.request.urlopen(f"{service.http}/metrics", timeout=2) as response:
+        text = response.read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and line[len(name)] in " {":
+            total += float(line.rsplit(" ", 1)[1])
+    return total

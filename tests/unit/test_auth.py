@@ -72,3 +72,38 @@ def test_capability_matching_and_codes() -> None:
         capability.check(Operation.SUBSCRIBE, "news", 1)
     assert caught.value.code == 40301
     Capability.allow_all().check(Operation.PRESENCE, "anything", 1)
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {"exp": str(int(time.time()) + 60)},  # PyJWT accepts it; it would never expire here
+        {"exp": [int(time.time()) + 60]},
+        {"iat": "yesterday"},
+        {"nbf": "0"},
+    ],
+)
+def test_token_claims_must_have_strict_types(claims: dict[str, object]) -> None:
+    with pytest.raises(ProtocolError) as caught:
+        KEYRING.identify(token(sub="bob", **claims), "", "", "gen")
+    assert caught.value.code == 40101
+
+
+def test_token_lifetime_is_capped() -> None:
+    keyring = Keyring([parse_api_key("app.k:secret")], token_max_ttl_s=3600)
+    now = int(time.time())
+    assert keyring.identify(token(sub="bob", iat=now, exp=now + 3600), "", "", "gen")
+    for claims in ({"exp": now + 7200}, {"iat": now - 7000, "exp": now + 600}):
+        with pytest.raises(ProtocolError) as caught:
+            keyring.identify(token(sub="bob", **claims), "", "", "gen")
+        assert caught.value.code == 40101 and "lifetime" in caught.value.message
+
+
+def test_token_without_sub_gets_an_assigned_client_id_and_cannot_choose_one() -> None:
+    identity = KEYRING.identify(token(), "", "", "assigned")
+    assert identity.client_id == "assigned"
+    identity = KEYRING.identify(token(sub=""), "", "", "assigned")
+    assert identity.client_id == "assigned"
+    with pytest.raises(ProtocolError) as caught:
+        KEYRING.identify(token(), "", "mallory", "assigned")
+    assert caught.value.code == 40101

@@ -287,3 +287,16 @@ def test_spliced_responses_match_encoded_frames(
     for message, member in zip(batch, members, strict=True):
         record = binary_codec.message_record_from_member(member)
         assert binary_codec.decode_server_record(record) == MessageFrame(message)
+
+
+@settings(max_examples=60, deadline=None)
+@given(depth=st.integers(min_value=0, max_value=3000))
+def test_binary_payload_nesting_decodes_or_is_refused_with_40001(depth: int) -> None:
+    data = b"[" * depth + b"1" + b"]" * depth
+    record = binary_codec.encode_client_frame(PublishFrame(9, "c", "n", data, "", "m"))
+    try:
+        frame = binary_codec.decode_client_record(record)
+    except FrameDecodeError as error:
+        assert int(error.code) == 40001 and depth > 254
+    else:
+        assert isinstance(frame, PublishFrame) and frame.data == data

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shared import json_codec
 from shared.binary_codec import FrameDecodeError
@@ -135,3 +137,42 @@ def test_encode_batch_and_fetch_response() -> None:
             }
         ],
     }
+
+
+def _nested(depth: int, kind: str) -> str:
+    if kind == "array":
+        return "[" * depth + "1" + "]" * depth
+    return '{"a":' * depth + "1" + "}" * depth
+
+
+@pytest.mark.parametrize("field", ["data", "messages"])
+def test_deeply_nested_data_is_a_bad_frame_with_the_request_id(field: str) -> None:
+    deep = _nested(500, "array")
+    if field == "data":
+        text = '{"t":"pub","id":7,"channel":"c","data":' + deep + "}"
+    else:
+        text = '{"t":"pub","id":7,"channel":"c","messages":[{"name":"n","data":' + deep + "}]}"
+    with pytest.raises(FrameDecodeError) as raised:
+        json_codec.decode_client_text(text)
+    assert raised.value.request_id == 7 and "nested deeper" in raised.value.message
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    depth=st.integers(min_value=0, max_value=2000),
+    kind=st.sampled_from(["array", "object"]),
+    frame=st.sampled_from(["pub", "pres"]),
+)
+def test_any_nesting_depth_decodes_or_is_refused_with_40001(
+    depth: int, kind: str, frame: str
+) -> None:
+    extra = ',"action":"enter"' if frame == "pres" else ""
+    text = f'{{"t":"{frame}","id":3,"channel":"c"{extra},"data":{_nested(depth, kind)}}}'
+    try:
+        decoded = json_codec.decode_client_text(text)
+    except FrameDecodeError as error:
+        assert depth > json_codec.MAX_DATA_DEPTH - 1
+        assert int(error.code) == 40001
+    else:
+        assert depth <= json_codec.MAX_DATA_DEPTH
+        assert orjson.loads(decoded.data or b"null") == orjson.loads(_nested(depth, kind))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shared import binary_codec
 from shared.auth import Keyring, parse_api_key
@@ -154,3 +156,66 @@ def test_records_after_auth_in_the_same_message_wait_for_the_handshake() -> None
     assert isinstance(later[0], Request) and isinstance(later[1], Reply)
     assert later[1].frame == PongFrame()
     assert session.after_handshake() == []
+
+
+def test_presence_subscriptions_count_against_the_channel_limit() -> None:
+    session = connected_session(max_channels=3)
+    for index, text in enumerate(
+        (
+            b'{"t":"sub","id":1,"channel":"a"}',
+            b'{"t":"presSub","id":2,"channel":"a"}',  # same channel: no new slot
+            b'{"t":"presSub","id":3,"channel":"b"}',
+            b'{"t":"presSub","id":4,"channel":"c"}',
+        )
+    ):
+        commands = session.receive_message(text, True)
+        assert isinstance(commands[0], Request), (index, commands)
+    commands = session.receive_message(b'{"t":"presSub","id":5,"channel":"d"}', True)
+    assert isinstance(commands[0], Reply) and isinstance(commands[0].frame, ErrorFrame)
+    assert commands[0].frame.code == 42900 and commands[0].frame.id == 5
+    commands = session.receive_message(b'{"t":"sub","id":6,"channel":"d"}', True)
+    assert isinstance(commands[0], Reply) and isinstance(commands[0].frame, ErrorFrame)
+    session.receive_message(b'{"t":"presUnsub","id":7,"channel":"c"}', True)
+    commands = session.receive_message(b'{"t":"sub","id":8,"channel":"d"}', True)
+    assert isinstance(commands[0], Request)
+
+
+def test_a_failed_subscribe_gives_its_slot_back() -> None:
+    session = connected_session(max_channels=1)
+    session.receive_message(b'{"t":"sub","id":1,"channel":"a"}', True)
+    session.forget_channel("a")
+    commands = session.receive_message(b'{"t":"sub","id":2,"channel":"b"}', True)
+    assert isinstance(commands[0], Request) and session.subscriptions == {"b"}
+
+
+def test_before_auth_only_one_small_message_is_read() -> None:
+    session = Session(KEYRING, Limits(max_auth_message_bytes=1024))
+    # An auth frame followed by thousands of records: refused before decoding any of them.
+    data = binary(AuthFrame(key="app.k:secret")) + binary(SubscribeFrame(1, "c")) * 500
+    commands = session.receive_message(data, is_text=False)
+    assert [type(c) for c in commands] == [Reply, Close]
+    assert isinstance(commands[0], Reply) and isinstance(commands[0].frame, ErrorFrame)
+    assert commands[0].frame.code == 40001 and "1024 bytes" in commands[0].frame.message
+    assert session.state is SessionState.CLOSED
+
+
+def test_a_message_with_too_many_records_is_answered_once() -> None:
+    session = connected_session(Codec.BINARY, max_records_per_message=10)
+    commands = session.receive_message(binary(SubscribeFrame(1, "c")) * 11, is_text=False)
+    assert len(commands) == 1 and isinstance(commands[0], Reply)
+    assert isinstance(commands[0].frame, ErrorFrame) and commands[0].frame.code == 40001
+    assert session.subscriptions == set() and session.state is SessionState.CONNECTED
+    commands = session.receive_message(binary(SubscribeFrame(1, "c")) * 10, is_text=False)
+    assert len(commands) == 10 and session.subscriptions == {"c"}
+
+
+@settings(max_examples=60, deadline=None)
+@given(count=st.integers(min_value=0, max_value=3000), limit=st.integers(1, 300))
+def test_records_decoded_per_message_never_exceed_the_limit(count: int, limit: int) -> None:
+    session = connected_session(Codec.BINARY, max_records_per_message=limit)
+    commands = session.receive_message(binary(PingFrame()) * count, is_text=False)
+    if count <= limit:
+        assert len(commands) == count
+    else:
+        assert len(commands) == 1 and isinstance(commands[0], Reply)
+        assert isinstance(commands[0].frame, ErrorFrame)

@@ -1,0 +1,194 @@
+"""One hostile client must not hurt the gateway or other tenants (issue 9).
+
+Each test reproduces an attack from the issue against real processes and checks both that
+the attacker is contained and that a bystander keeps working.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Iterator
+
+import orjson
+import pytest
+
+from tests.support import (
+    Cluster,
+    JsonClient,
+    RawWebSocket,
+    gateway_rss_bytes,
+    json_client,
+    metric_value,
+    running_cluster,
+)
+
+OUTBOX_MAX_BYTES = 256 * 1024
+GRACE_S = 1.0
+MAX_FRAME_BYTES = 128 * 1024
+
+
+@pytest.fixture(scope="module")
+def hardened() -> Iterator[Cluster]:
+    environment = {
+        "RT_OUTBOX_MAX_BYTES": str(OUTBOX_MAX_BYTES),
+        "RT_PRESENCE_GRACE_S": str(GRACE_S),
+        "RT_PRESENCE_TTL_S": "3",
+        "RT_MAX_FRAME_BYTES": str(MAX_FRAME_BYTES),
+    }
+    with running_cluster(environment) as running:
+        yield running
+
+
+def channel_name(prefix: str = "hard") -> str:
+    return f"{prefix}:{uuid.uuid4().hex[:10]}"
+
+
+def connections(cluster: Cluster) -> float:
+    return metric_value(cluster.a, "realtime_connections")
+
+
+async def wait_for(condition: object, timeout: float, what: str) -> None:
+    assert callable(condition)
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+async def ping_round_trip(client: JsonClient) -> float:
+    started = time.monotonic()
+    await client.send({"t": "ping"})
+    await client.receive_until("pong", timeout=10)
+    return time.monotonic() - started
+
+
+def authenticate(raw: RawWebSocket, client_id: str = "hostile") -> dict[str, object]:
+    raw.send_json({"t": "auth", "key": "app1.main:secret-one", "clientId": client_id})
+    _opcode, payload = raw.receive_frame()
+    connected = orjson.loads(payload)
+    assert connected["t"] == "connected", connected
+    return dict(connected)
+
+
+def flood_without_reading(raw: RawWebSocket, seconds: float, max_bytes: int) -> tuple[int, str]:
+    """Send bad ``sub`` frames as fast as possible, never reading; return the bytes sent and
+    how the flood ended ("blocked", "closed" or "limit")."""
+    frame = raw.frame(b'{"t":"sub","id":1,"channel":"."}')
+    burst = frame * 256
+    raw.sock.settimeout(1.0)
+    sent = 0
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline and sent < max_bytes:
+            raw.sock.sendall(burst)
+            sent += len(burst)
+    except TimeoutError:
+        return sent, "blocked"
+    except OSError:
+        return sent, "closed"
+    return sent, "limit"
+
+
+async def test_a_client_that_does_not_read_cannot_grow_memory(hardened: Cluster) -> None:
+    """Item 1: the gateway stops reading a client whose replies back up (TCP pushes back), or
+    closes it at twice the outbox bound; its memory stays bounded and is freed after."""
+    bystander = await json_client(hardened.a.url)
+    before_connections = connections(hardened)
+    before_rss = gateway_rss_bytes(hardened.a)
+    raw = RawWebSocket(hardened.a.port)
+    authenticate(raw)
+    flood = asyncio.create_task(asyncio.to_thread(flood_without_reading, raw, 8.0, 200_000_000))
+    peak_rss = before_rss
+    round_trips = []
+    while not flood.done():
+        peak_rss = max(peak_rss, gateway_rss_bytes(hardened.a))
+        round_trips.append(await ping_round_trip(bystander))
+        await asyncio.sleep(0.1)
+    sent, ended = await flood
+    assert ended in ("blocked", "closed"), (sent, ended)
+    # Without back-pressure each 35-byte request turned into a buffered ~100-byte reply.
+    assert sent < 50_000_000, sent
+    assert peak_rss - before_rss < 48 * 1024 * 1024, (peak_rss - before_rss, sent)
+    assert max(round_trips) < 1.0, round_trips
+    raw.reset()
+    await wait_for(lambda: connections(hardened) == before_connections, 10, "cleanup")
+    assert await ping_round_trip(bystander) < 1.0
+    await bystander.close()
+
+
+async def test_a_backed_up_connection_that_drops_is_cleaned_up(hardened: Cluster) -> None:
+    """Item 2: a subscriber that stops reading while live data backs up, then drops with a
+    reset, is torn down like any other: connection count falls, presence leaves."""
+    channel = channel_name()
+    watcher = await json_client(hardened.b.url, clientId="watcher")
+    assert (await watcher.request("presSub", channel=channel))["t"] == "ack"
+    publisher = await json_client(hardened.b.url, clientId="publisher")
+    before_connections = connections(hardened)
+    raw = RawWebSocket(hardened.a.port, receive_buffer=2048)
+    authenticate(raw, "stuck")
+    raw.send_json({"t": "sub", "id": 1, "channel": channel})
+    raw.send_json({"t": "pres", "id": 2, "channel": channel, "action": "enter", "data": 1})
+    enter = await watcher.receive_until("presEvt", timeout=5)
+    assert enter["action"] == "enter" and enter["clientId"] == "stuck"
+    await wait_for(lambda: connections(hardened) == before_connections + 1, 5, "registration")
+    # More than the kernel's socket buffers absorb, so the gateway's writer ends up waiting
+    # for a drain that never comes when the reset arrives.
+    payload = "x" * 100_000  # one message is more than aiohttp writes before it waits to drain
+    count = 120
+    for index in range(count):
+        await publisher.send(
+            {
+                "t": "pub",
+                "id": 1000 + index,
+                "channel": channel,
+                "name": "big",
+                "data": payload,
+                "messageId": f"big-{index}",
+            }
+        )
+    acks = 0
+    while acks < count:
+        frame = await publisher.receive(timeout=20)
+        assert frame["t"] != "err", frame
+        acks += frame["t"] == "ack"
+    await asyncio.sleep(0.5)
+    raw.reset()
+    await wait_for(lambda: connections(hardened) == before_connections, 10, "cleanup")
+    leave = await watcher.receive_until("presEvt", timeout=GRACE_S + 10, action="leave")
+    assert leave["clientId"] == "stuck"
+    await watcher.close()
+    await publisher.close()
+    with contextlib.suppress(Exception):
+        raw.sock.close()
+
+
+@pytest.mark.parametrize("same_gateway", [True, False])
+async def test_a_client_of_another_app_cannot_take_over_a_connection(
+    hardened: Cluster, same_gateway: bool
+) -> None:
+    """Item 6: resumeConnectionId with another app's id (same clientId) gets a fresh id; the
+    victim stays connected and its presence does not leave."""
+    channel = channel_name()
+    victim = await json_client(hardened.a.url, clientId="bob")
+    watcher = await json_client(hardened.a.url, clientId="watcher")
+    assert (await watcher.request("presSub", channel=channel))["t"] == "ack"
+    assert (await victim.request("pres", channel=channel, action="enter", data=1))["t"] == "ack"
+    enter = await watcher.receive_until("presEvt", timeout=5)
+    victim_id = enter["connectionId"]
+    target = hardened.a if same_gateway else hardened.b
+    attacker = await JsonClient.connect(target.url)
+    connected = await attacker.auth(
+        key="app2.main:secret-two", clientId="bob", resumeConnectionId=victim_id
+    )
+    assert connected["t"] == "connected"
+    assert connected["connectionId"] != victim_id
+    await asyncio.sleep(1.0)
+    assert await ping_round_trip(victim) < 1.0  # still connected
+    with pytest.raises(TimeoutError):
+        await watcher.receive_until("presEvt", timeout=GRACE_S + 1.5, action="leave")
+    for client in (victim, watcher, attacker):
+        await client.close()
