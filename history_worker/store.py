@@ -17,11 +17,15 @@ from nats.aio.msg import Msg
 from gateway.requests import ReplyMux, RequestTimeout
 from shared.binary_codec import decode_member, member_with_serial
 from shared.errors import ErrorCode, ProtocolError
+from shared.history import encoded_member_size
 from shared.subjects import SERIAL_HEADER
 
-__all__ = ["ChannelBounds", "StreamReader"]
+__all__ = ["FIND_WINDOW", "ChannelBounds", "StreamReader"]
 
 _MAX_BATCH = 1000
+
+FIND_WINDOW = 10_000
+"""How many of a channel's newest serials a message-id cursor is looked for among."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,22 +110,42 @@ class StreamReader:
         # Fall back to the last known sequence below the target; the read skips forward.
         return low.sequence
 
-    async def read(self, subject: str, start_sequence: int, first: int, last: int) -> list[bytes]:
-        """Members with serials ``first..last``, reading forward from ``start_sequence``."""
+    async def read(
+        self,
+        subject: str,
+        start_sequence: int,
+        first: int,
+        last: int,
+        max_bytes: int | None = None,
+    ) -> list[bytes]:
+        """Members with serials ``first..last``, reading forward from ``start_sequence``.
+
+        With ``max_bytes``, the read stops after the member that takes the members' total
+        ``encoded_member_size`` past ``max_bytes``: the caller sees what fits and that more
+        was there, and a page of big messages is not read whole only to be cut.
+        """
         messages: list[bytes] = []
-        last_serial = 0
+        used = 0
         sequence = start_sequence
-        while len(messages) < last - first + 1:
+        while True:
             wanted = min(last - first + 1 - len(messages) + 1, _MAX_BATCH)
-            batch = await self._batch(subject, sequence, wanted)
+            # The server stops a batch once it has sent max_bytes (it counts subjects and
+            # headers too, so never later than we would); 0 = its own default cap.
+            cap = 0 if max_bytes is None else max(1, max_bytes - used + 1)
+            batch, pending = await self._batch(subject, sequence, wanted, cap)
             for stored, data in batch:
-                if first <= stored.serial <= last:
-                    messages.append(member_with_serial(data, stored.serial))
-                    last_serial = stored.serial
-            if len(batch) < wanted or last_serial >= last:
-                break
+                if stored.serial > last:
+                    return messages
+                if stored.serial < first:
+                    continue  # sequence_of may start a little before the range
+                member = member_with_serial(data, stored.serial)
+                messages.append(member)
+                used += encoded_member_size(member)
+                if stored.serial == last or (max_bytes is not None and used > max_bytes):
+                    return messages
+            if not batch or not pending:
+                return messages
             sequence = batch[-1][0].sequence + 1
-        return messages
 
     async def read_sequences(
         self, subject: str, sequences: list[int], first: int
@@ -149,33 +173,58 @@ class StreamReader:
         return messages
 
     async def find_serial(self, subject: str, bounds: ChannelBounds, message_id: str) -> int:
-        """The serial of the retained message whose id is ``message_id`` (0 if none).
+        """The serial of the message whose id is ``message_id`` among the channel's newest
+        ``FIND_WINDOW`` serials (0 if none).
 
-        Only legacy JSON clients resume and page by message id; this scans the channel
-        forward, which retention bounds (``RT_RETENTION_MAX_PER_CHANNEL``).
+        Only legacy JSON clients resume and page by message id, and nothing indexes ids, so
+        this scans forward; the window bounds what an unknown or ancient id costs (at most
+        ``FIND_WINDOW`` messages read) whatever the channel's retention.
         """
-        sequence = bounds.oldest.sequence
-        while True:
-            batch = await self._batch(subject, sequence, _MAX_BATCH)
+        newest = bounds.newest.serial
+        first = max(bounds.oldest.serial, newest - FIND_WINDOW + 1)
+        sequence = await self.sequence_of(subject, bounds, first)
+        expected = first  # the next serial the scan should meet
+        while expected <= newest:
+            wanted = min(newest - expected + 1, _MAX_BATCH)
+            batch, pending = await self._batch(subject, sequence, wanted)
             for stored, data in batch:
-                if decode_member(data).message_id == message_id:
+                if stored.serial > newest:
+                    return 0  # published after the query began: not a cursor it can use
+                expected = stored.serial + 1
+                if stored.serial >= first and decode_member(data).message_id == message_id:
                     return stored.serial
-            if len(batch) < _MAX_BATCH:
+            if not batch or not pending:
                 return 0
             sequence = batch[-1][0].sequence + 1
+        return 0
 
     async def _batch(
-        self, subject: str, start_sequence: int, count: int
-    ) -> list[tuple[_Stored, bytes]]:
+        self, subject: str, start_sequence: int, count: int, max_bytes: int = 0
+    ) -> tuple[list[tuple[_Stored, bytes]], int]:
         """Up to ``count`` stored messages of ``subject`` from ``start_sequence`` on, in one
-        batched direct get (the server ends the batch with a status message)."""
+        batched direct get, and how many more of the subject's messages follow them.
+
+        The server ends the batch with a status message whose ``Nats-Num-Pending`` says what
+        is left: a batch can come back short because it hit ``max_bytes`` (or the server's
+        own byte cap when 0), so a short batch alone does not mean the end of the channel.
+        """
         found: list[tuple[_Stored, bytes]] = []
+        pending = 0
         inbox = self._nc.new_inbox()
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        request = {"seq": start_sequence, "next_by_subj": subject, "batch": count}
+        request: dict[str, object] = {
+            "seq": start_sequence,
+            "next_by_subj": subject,
+            "batch": count,
+        }
+        if max_bytes:
+            request["max_bytes"] = max_bytes
 
         async def on_reply(msg: Msg) -> None:
+            nonlocal pending
             if msg.headers and msg.headers.get("Status"):
+                # 204 EOB carries what is left; a 404 (nothing from start_sequence) does not.
+                pending = int(msg.headers.get("Nats-Num-Pending", 0) or 0)
                 if not done.done():
                     done.set_result(None)
                 return
@@ -189,4 +238,4 @@ class StreamReader:
             await asyncio.wait_for(done, self._timeout)
         finally:
             await subscription.unsubscribe()
-        return found
+        return found, pending

@@ -14,26 +14,52 @@ from nats.aio.msg import Msg
 
 from gateway.requests import ReplyMux
 from history_worker.index import SequenceIndex
-from history_worker.store import StreamReader
+from history_worker.store import ChannelBounds, StreamReader
 from shared import history, subjects
 from shared.errors import ErrorCode, ProtocolError
 from shared.history import HistoryOp, HistoryQuery, HistoryResult
 from shared.settings import Settings
 from shared.subjects import SERIAL_HEADER
 
-__all__ = ["HistoryService", "run_history_worker"]
+__all__ = ["DEFAULT_REPLY_BUDGET", "REPLY_HEADROOM", "HistoryService", "run_history_worker"]
 
 log = logging.getLogger(__name__)
 
 _MAX_PAGE = 1000
 
+REPLY_HEADROOM = 16 * 1024
+"""Bytes of the connection's max payload left to NATS's framing and headers: a page's
+encoded reply stays under ``max_payload - REPLY_HEADROOM``."""
+
+DEFAULT_REPLY_BUDGET = 1024 * 1024 - REPLY_HEADROOM
+"""The reply budget for NATS's default max payload (1 MiB)."""
+
+# A page is read in chunks so that big messages are not all read only to be cut: the first
+# chunk is the default hist page; later ones are sized from the bytes seen so far.
+_FIRST_CHUNK = 100
+
 
 class HistoryService:
-    """Turns a query into a result by reading the stream."""
+    """Turns a query into a result by reading the stream.
 
-    def __init__(self, reader: StreamReader, index: SequenceIndex | None = None) -> None:
+    A result's encoding never exceeds ``max_reply_bytes``: NATS refuses a larger reply, so a
+    page of big messages is cut (``shared.history.cut_page``) instead of lost.
+    """
+
+    def __init__(
+        self,
+        reader: StreamReader,
+        index: SequenceIndex | None = None,
+        max_reply_bytes: int = DEFAULT_REPLY_BUDGET,
+    ) -> None:
         self._reader = reader
         self._index = index
+        self.max_reply_bytes = max_reply_bytes
+
+    @property
+    def _room(self) -> int:
+        """Bytes of members a reply can carry."""
+        return self.max_reply_bytes - history.RESULT_OVERHEAD
 
     async def answer(self, query: HistoryQuery) -> HistoryResult:
         """Compute the result of ``query``."""
@@ -61,16 +87,85 @@ class HistoryService:
             span = history.resume_range(oldest, newest, cursor, limit)
         if not span.count or bounds is None:
             return HistoryResult((), span.flag)
-        known = self._index.sequences(subject, span.first, span.last) if self._index else None
+        if query.op is HistoryOp.HISTORY:
+            members = await self._read_newest(subject, bounds, span.first, span.last)
+        else:
+            members = await self._read_oldest(subject, bounds, span.first, span.last)
+        sizes = [history.encoded_member_size(member) for member in members]
+        cut = history.cut_page(sizes, query.op, self.max_reply_bytes, span.flag)
+        return HistoryResult(tuple(members[cut.start : cut.stop]), cut.flag)
+
+    def _next_chunk(self, used: int, count: int) -> int:
+        """How many more members probably fill the budget (plus one, to see it overflow),
+        judging by the ``count`` members of ``used`` bytes read so far."""
+        average = max(1, used // max(1, count))
+        return max(1, (self._room - used) // average + 1)
+
+    async def _read_range(
+        self, subject: str, bounds: ChannelBounds, first: int, last: int
+    ) -> list[bytes]:
+        """Members ``first..last``: by known sequences when the index covers them, else by a
+        search and a forward read."""
+        known = self._index.sequences(subject, first, last) if self._index else None
         if known is not None:
-            indexed = await self._reader.read_sequences(subject, known, span.first)
+            indexed = await self._reader.read_sequences(subject, known, first)
             if indexed is not None:
-                return HistoryResult(tuple(indexed), span.flag)
+                return indexed
             assert self._index is not None
             self._index.forget(subject)
-        start = await self._reader.sequence_of(subject, bounds, span.first)
-        messages = await self._reader.read(subject, start, span.first, span.last)
-        return HistoryResult(tuple(messages), span.flag)
+        start = await self._reader.sequence_of(subject, bounds, first)
+        return await self._reader.read(subject, start, first, last)
+
+    async def _read_newest(
+        self, subject: str, bounds: ChannelBounds, first: int, last: int
+    ) -> list[bytes]:
+        """A ``hist`` page: members of ``first..last`` read in chunks from the newest end
+        until they fill the budget (reads run forward only, so each chunk is a range)."""
+        chunks: list[list[bytes]] = []
+        used = count = 0
+        high = last
+        size = min(last - first + 1, _FIRST_CHUNK)
+        while high >= first and used <= self._room:
+            low = max(first, high - size + 1)
+            chunk = await self._read_range(subject, bounds, low, high)
+            chunks.append(chunk)
+            used += sum(history.encoded_member_size(member) for member in chunk)
+            count += len(chunk)
+            if len(chunk) < high - low + 1:
+                break  # the older ones aged out meanwhile: the page ends here
+            high = low - 1
+            size = self._next_chunk(used, count)
+        return [member for chunk in reversed(chunks) for member in chunk]
+
+    async def _read_oldest(
+        self, subject: str, bounds: ChannelBounds, first: int, last: int
+    ) -> list[bytes]:
+        """A ``fetch`` or resume page: the members from ``first`` on until they fill the
+        budget, by known sequences in chunks while the index covers them, then forward."""
+        members: list[bytes] = []
+        used = 0
+        known = self._index.sequences(subject, first, last) if self._index else None
+        if known is not None:
+            position = 0
+            size = min(len(known), _FIRST_CHUNK)
+            while position < len(known) and used <= self._room:
+                chunk = await self._reader.read_sequences(
+                    subject, known[position : position + size], first + position
+                )
+                if chunk is None:
+                    assert self._index is not None
+                    self._index.forget(subject)
+                    break  # the index was wrong: read the rest the slow way
+                members += chunk
+                used += sum(history.encoded_member_size(member) for member in chunk)
+                position += len(chunk)
+                size = self._next_chunk(used, len(members))
+            else:  # no break: the index served the whole page (or the budget is full)
+                return members
+            first += position
+        start = await self._reader.sequence_of(subject, bounds, first)
+        members += await self._reader.read(subject, start, first, last, self._room - used)
+        return members
 
 
 async def _connect(settings: Settings) -> NatsClient:
@@ -95,6 +190,28 @@ async def _fail(nc: NatsClient, reply: str, error: ProtocolError) -> None:
     await nc.publish(reply, b"", headers={history.ERROR_HEADER: header})
 
 
+async def send_result(
+    nc: NatsClient, reply: str, query: HistoryQuery, result: HistoryResult
+) -> None:
+    """Publish ``result`` as the reply to ``query``, or the error 50000 when its encoding is
+    above the connection's max payload: NATS would refuse it and the gateway would only see
+    a timeout, so the failure is logged and answered instead of lost."""
+    payload = history.encode_result(result)
+    if len(payload) > nc.max_payload:
+        log.error(
+            "history reply too large: %s %s/%s, %d members, %d bytes > max payload %d",
+            query.op.value,
+            query.app,
+            query.channel,
+            len(result.members),
+            len(payload),
+            nc.max_payload,
+        )
+        await _fail(nc, reply, ProtocolError(ErrorCode.SERVER, "history reply too large"))
+        return
+    await nc.publish(reply, payload)
+
+
 async def run_history_worker(settings: Settings, stop: asyncio.Event) -> None:
     """Serve history queries until ``stop`` is set."""
     nc = await _connect(settings)
@@ -102,7 +219,8 @@ async def run_history_worker(settings: Settings, stop: asyncio.Event) -> None:
     await requests.start()
     index = SequenceIndex()
     reader = StreamReader(nc, settings.stream_name, settings.request_timeout_s, requests)
-    service = HistoryService(reader, index)
+    # A reply must fit in what this server accepts (max_payload, 1 MiB by default).
+    service = HistoryService(reader, index, nc.max_payload - REPLY_HEADROOM)
     live_prefix = len(subjects.LIVE_PREFIX)
 
     async def on_live(msg: Msg) -> None:
@@ -124,7 +242,8 @@ async def run_history_worker(settings: Settings, stop: asyncio.Event) -> None:
         if not msg.reply:
             return
         try:
-            result = await service.answer(history.decode_query(msg.data))
+            query = history.decode_query(msg.data)
+            result = await service.answer(query)
         except ProtocolError as error:
             await _fail(nc, msg.reply, error)
             return
@@ -132,7 +251,7 @@ async def run_history_worker(settings: Settings, stop: asyncio.Event) -> None:
             log.exception("history query failed")
             await _fail(nc, msg.reply, ProtocolError(ErrorCode.SERVER, f"history failed: {error}"))
             return
-        await nc.publish(msg.reply, history.encode_result(result))
+        await send_result(nc, msg.reply, query, result)
 
     subscription = await nc.subscribe(
         subjects.HISTORY_SUBJECT, queue=subjects.HISTORY_QUEUE, cb=on_query

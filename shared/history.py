@@ -8,6 +8,7 @@ ranges; the worker only has to read them.
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import orjson
@@ -19,14 +20,18 @@ from shared.frames import Message
 
 __all__ = [
     "ERROR_HEADER",
+    "RESULT_OVERHEAD",
     "HistoryOp",
     "HistoryQuery",
     "HistoryResult",
+    "PageCut",
     "SerialRange",
+    "cut_page",
     "decode_query",
     "decode_result",
     "encode_query",
     "encode_result",
+    "encoded_member_size",
     "fetch_range",
     "history_range",
     "resume_range",
@@ -35,6 +40,9 @@ __all__ = [
 
 ERROR_HEADER = "Rt-Error"
 """Header of a worker reply that failed: ``<code> <message>``."""
+
+RESULT_OVERHEAD = 1
+"""Bytes of an encoded result besides its members (the flag byte)."""
 
 
 class HistoryOp(enum.StrEnum):
@@ -124,6 +132,46 @@ def resume_range(oldest: int, newest: int, last_serial: int, cap: int) -> Serial
     if last_serial > newest:
         return SerialRange(1, 0, False)
     return fetch_range(oldest, newest, last_serial, cap)
+
+
+@dataclass(frozen=True, slots=True)
+class PageCut:
+    """The members ``start:stop`` of a page to send, and the reply's flag."""
+
+    start: int
+    stop: int
+    flag: bool
+
+
+def encoded_member_size(member: bytes) -> int:
+    """Bytes ``member`` takes in an encoded result (its length prefix included)."""
+    return len(binary_codec.uvarint(len(member))) + len(member)
+
+
+def cut_page(sizes: Sequence[int], op: HistoryOp, budget: int, flag: bool) -> PageCut:
+    """Which members of a page (their ``encoded_member_size``, oldest first) fit in an encoded
+    result of at most ``budget`` bytes, given the page's ``flag``.
+
+    A reply above NATS's max payload cannot be sent at all, so a page is cut, never dropped:
+    ``hist`` keeps the newest members that fit and answers ``more`` when it drops any (the
+    client pages on below the oldest one returned); ``fetch`` and resume keep the oldest
+    contiguous prefix that fits with their flag unchanged (the client asks again from the last
+    serial it got). At least one member is kept when there is one: a stored message is smaller
+    than the max payload, since NATS accepted it.
+    """
+    room = budget - RESULT_OVERHEAD
+    used = 0
+    if op is HistoryOp.HISTORY:
+        start = len(sizes)
+        while start > 0 and (start == len(sizes) or used + sizes[start - 1] <= room):
+            used += sizes[start - 1]
+            start -= 1
+        return PageCut(start, len(sizes), flag or start > 0)
+    stop = 0
+    while stop < len(sizes) and (stop == 0 or used + sizes[stop] <= room):
+        used += sizes[stop]
+        stop += 1
+    return PageCut(0, stop, flag)
 
 
 def strip_member_suffix(message_id: str) -> str:
