@@ -4,10 +4,13 @@
   (``RT_PRESENCE_TTL_S``); the gateway that owns the connection rewrites it every third of the
   TTL. If the gateway dies, nobody refreshes its keys: they expire, the bucket's limit markers
   tell every watcher, and watchers see ``leave`` within one TTL (default 20 s).
-- A gateway watches a channel's keys (one KV watch per channel per gateway) only while a local
-  connection watches its presence or is a member there; it keeps the channel's member set in
-  memory (``shared.presence.ChannelMembers``), so snapshots and events cost no KV reads however
-  many members or watchers there are, and ``leave`` carries the member's last data.
+- Each gateway follows the whole bucket through one ordered consumer (the feed) and keeps
+  member sets only for channels a local connection watches or is a member of. A channel's
+  set is read once when it is first needed (a batched direct get of its keys, no consumer),
+  then kept current by the feed; snapshots and events cost no KV reads however many members
+  or watchers there are, and ``leave`` carries the member's last data. One consumer per
+  gateway, never one per channel: a client watching thousands of channels cannot exhaust
+  the server's consumer limit for everyone.
 - A connection that closes without a clean 1000 close keeps its memberships for
   ``RT_PRESENCE_GRACE_S`` (default 15 s). A reconnect with ``resumeConnectionId`` inside the
   grace takes them over with no leave/enter churn: on this gateway directly, on another one
@@ -27,8 +30,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import orjson
+from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
-from nats.js.kv import KeyValue
+from nats.aio.subscription import Subscription
+from nats.js.api import DeliverPolicy
 
 from gateway.broker import Broker
 from gateway.requests import RequestTimeout
@@ -47,6 +52,11 @@ log = logging.getLogger(__name__)
 
 RESUMED_SUBJECT = "rt.presence.resumed"
 
+# Records per batched direct get when a channel's members are read.
+_SNAPSHOT_PAGE = 1000
+# A dead gateway's feed consumer is removed by the server after this long.
+_FEED_INACTIVE_THRESHOLD_S = 60.0
+
 
 class WatchReason:
     """Why a connection receives a channel's presence events (held as a set)."""
@@ -60,16 +70,76 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def _is_removal(headers: dict[str, str] | None) -> bool:
+    """True for a delete, a purge, or a server marker (a key whose TTL ran out)."""
+    if not headers:
+        return False
+    operation = headers.get("KV-Operation")
+    if operation is not None:
+        return operation in ("DEL", "PURGE")
+    return headers.get("Nats-Marker-Reason") is not None
+
+
+async def _direct_batch(
+    nc: NatsClient, api: str, request: dict[str, object], wait_s: float
+) -> tuple[list[Msg], int, int]:
+    """One batched direct get: the messages, how many more match (``Nats-Num-Pending`` of
+    the end-of-batch status) and the last sequence returned."""
+    found: list[Msg] = []
+    inbox = nc.new_inbox()
+    done: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
+
+    async def on_reply(msg: Msg) -> None:
+        headers = msg.headers or {}
+        status = headers.get("Status")
+        if status is None:
+            found.append(msg)
+        elif not done.done():
+            if status in ("204", "404"):  # end of batch, or nothing matches
+                done.set_result(
+                    (
+                        int(headers.get("Nats-Num-Pending", 0) or 0),
+                        int(headers.get("Nats-Last-Sequence", 0) or 0),
+                    )
+                )
+            else:
+                done.set_exception(
+                    ProtocolError(ErrorCode.SERVER, f"presence read failed: status {status}")
+                )
+
+    subscription = await nc.subscribe(inbox, cb=on_reply)
+    try:
+        await nc.publish(api, orjson.dumps(request), reply=inbox)
+        pending, last = await asyncio.wait_for(done, wait_s)
+    finally:
+        with contextlib.suppress(Exception):
+            await subscription.unsubscribe()
+    return found, pending, last
+
+
 @dataclass
 class _WatchedChannel:
     members: ChannelMembers
     ready: asyncio.Future[None]
     watchers: dict[Connection, set[str]] = field(default_factory=dict)
     references: int = 0
-    task: asyncio.Task[None] | None = None
-    # Members this gateway admitted whose KV write the watch has not echoed yet: counted
+    # Members this gateway admitted whose KV write the feed has not echoed yet: counted
     # against the member limit so that quick successive enters cannot overshoot it.
     admitted: set[str] = field(default_factory=set)
+    # Changes the feed delivered while the snapshot was read (None once it is loaded), and
+    # the highest stream sequence the snapshot covered: changes at or below it are in it.
+    buffered: list[_Change] | None = field(default_factory=list)
+    snapshot_sequence: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Change:
+    """One KV change of a member key, as the feed or the snapshot read delivers it."""
+
+    sequence: int
+    connection_id: str
+    removed: bool
+    value: bytes
 
 
 @dataclass
@@ -92,7 +162,9 @@ class PresenceService:
         self._channels: dict[str, _WatchedChannel] = {}
         self._owned: dict[str, _Owned] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._kv: KeyValue | None = None
+        self._key_prefix = f"$KV.{self.settings.presence_bucket}."
+        self._feed: Subscription | None = None
+        self._feed_ready = asyncio.Event()
         # Channels each connection watches, so a close touches only those.
         self._watching: dict[Connection, set[str]] = {}
         # Tells our own resume announcements apart from other gateways'.
@@ -101,20 +173,16 @@ class PresenceService:
     # ---- lifecycle ----
 
     async def start(self) -> None:
-        """Once NATS is ready: hear about resumes elsewhere, refresh our keys periodically."""
+        """Once NATS is ready: hear about resumes elsewhere, follow the bucket's changes,
+        refresh our keys periodically."""
         await self.broker.ready.wait()
         nc = self.broker.client()
         await nc.subscribe(f"{RESUMED_SUBJECT}.>", cb=self._on_resumed_elsewhere)
+        await self._start_feed()
         interval = max(0.5, self.settings.presence_ttl_s / 3)
         while True:
             await asyncio.sleep(interval)
             await self._refresh_all()
-
-    async def _kv_handle(self) -> KeyValue:
-        if self._kv is None:
-            assert self.broker.js is not None
-            self._kv = await self.broker.js.key_value(self.settings.presence_bucket)
-        return self._kv
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coroutine)
@@ -122,6 +190,53 @@ class PresenceService:
         task.add_done_callback(self._tasks.discard)
 
     # ---- watching ----
+
+    async def _start_feed(self) -> None:
+        """One ordered consumer over the whole bucket, from now on: every gateway hears every
+        presence change once and keeps only those of channels it watches. Its cost does not
+        grow with the number of channels watched (one NATS consumer per gateway, never one
+        per channel, which let one client exhaust the server's consumer limit)."""
+        js = self.broker.js
+        assert js is not None
+        bucket = self.settings.presence_bucket
+        self._key_prefix = f"$KV.{bucket}."
+        self._feed = await js.subscribe(
+            f"$KV.{bucket}.>",
+            stream=f"KV_{bucket}",
+            cb=self._on_change,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.NEW,
+            inactive_threshold=_FEED_INACTIVE_THRESHOLD_S,
+        )
+        self._feed_ready.set()
+
+    async def _on_change(self, msg: Msg) -> None:
+        key = msg.subject[len(self._key_prefix) :]
+        split = key.rfind(".")
+        entry = self._channels.get(key[:split] + ".*")
+        if entry is None:
+            return  # a channel nobody here watches: the common case, kept cheap
+        change = _Change(
+            msg.metadata.sequence.stream, key[split + 1 :], _is_removal(msg.headers), msg.data
+        )
+        if entry.buffered is not None:
+            entry.buffered.append(change)
+            return
+        event = self._apply(entry, change)
+        if event is not None:
+            self._dispatch(entry, event)
+
+    @staticmethod
+    def _apply(entry: _WatchedChannel, change: _Change) -> PresenceEventFrame | None:
+        if change.sequence <= entry.snapshot_sequence:
+            return None  # already part of the snapshot
+        entry.admitted.discard(change.connection_id)
+        if change.removed:
+            return entry.members.remove(change.connection_id, _now_ms())
+        try:
+            return entry.members.put(MemberRecord.decode(change.value))
+        except ValueError:
+            return None
 
     async def _watched(self, app: str, channel: str) -> _WatchedChannel:
         pattern = channel_pattern(app, channel)
@@ -131,44 +246,66 @@ class PresenceService:
                 ChannelMembers(channel), asyncio.get_running_loop().create_future()
             )
             self._channels[pattern] = entry
-            entry.task = asyncio.create_task(self._watch(pattern, entry))
+            self._spawn(self._load(pattern, entry))
         try:
             await asyncio.shield(entry.ready)
         except Exception:
-            self._channels.pop(pattern, None)
+            if self._channels.get(pattern) is entry:
+                del self._channels[pattern]
             raise ProtocolError(ErrorCode.SERVER, "presence unavailable, retry") from None
         return entry
 
-    async def _watch(self, pattern: str, entry: _WatchedChannel) -> None:
+    async def _load(self, pattern: str, entry: _WatchedChannel) -> None:
+        """Read the channel's current members (the last record of each key, by a batched
+        direct get), then apply the changes the feed delivered meanwhile that the read did
+        not cover. No consumer is created."""
         try:
-            kv = await self._kv_handle()
-            watcher = await kv.watch(pattern)
+            if not self._feed_ready.is_set():
+                raise ProtocolError(ErrorCode.BOOTSTRAP, "presence not ready, retry later")
+            covered = 0
+            for change in await self._read_members(pattern):
+                covered = max(covered, change.sequence)
+                self._apply(entry, change)
+            entry.snapshot_sequence = covered
+            for change in entry.buffered or ():
+                self._apply(entry, change)
+            entry.buffered = None
         except Exception as error:
             if not entry.ready.done():
                 entry.ready.set_exception(error)
-                entry.ready.exception()
+                entry.ready.exception()  # mark retrieved: other waiters get it too
             return
-        try:
-            async for update in watcher:
-                if update is None:
-                    if not entry.ready.done():
-                        entry.ready.set_result(None)
-                    continue
-                connection_id = update.key.rsplit(".", 1)[1]
-                entry.admitted.discard(connection_id)
-                if update.operation in ("DEL", "PURGE"):
-                    event = entry.members.remove(connection_id, _now_ms())
-                else:
-                    try:
-                        event = entry.members.put(MemberRecord.decode(update.value or b""))
-                    except ValueError:
-                        continue
-                if event is not None and entry.ready.done():
-                    self._dispatch(entry, event)
-        except asyncio.CancelledError:
-            with contextlib.suppress(Exception):
-                await watcher.stop()  # type: ignore[no-untyped-call]
-            raise
+        entry.ready.set_result(None)
+
+    async def _read_members(self, pattern: str) -> list[_Change]:
+        """Every retained record of the keys matching ``pattern`` (the bucket keeps one per
+        key), oldest first, paged through batched direct gets."""
+        nc = self.broker.client()
+        api = f"$JS.API.DIRECT.GET.KV_{self.settings.presence_bucket}"
+        subject = f"{self._key_prefix}{pattern}"
+        changes: list[_Change] = []
+        sequence = 1
+        while True:
+            page, pending, last = await _direct_batch(
+                nc,
+                api,
+                {"seq": sequence, "next_by_subj": subject, "batch": _SNAPSHOT_PAGE},
+                self.settings.request_timeout_s,
+            )
+            for msg in page:
+                headers = msg.headers or {}
+                key = headers.get("Nats-Subject", "")
+                changes.append(
+                    _Change(
+                        int(headers.get("Nats-Sequence", 0)),
+                        key.rsplit(".", 1)[-1],
+                        _is_removal(headers),
+                        msg.data,
+                    )
+                )
+            if not pending or not page:
+                return changes
+            sequence = last + 1
 
     def _dispatch(self, entry: _WatchedChannel, event: PresenceEventFrame) -> None:
         if not entry.watchers:
@@ -184,8 +321,6 @@ class PresenceService:
         if entry is None or entry.watchers or entry.references > 0:
             return
         del self._channels[pattern]
-        if entry.task is not None:
-            entry.task.cancel()
 
     async def subscribe(self, connection: Connection, app: str, channel: str, reason: str) -> None:
         """Start presence events for ``connection``; an explicit ``presSub`` first gets the

@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import Iterator
 
+import nats
 import orjson
 import pytest
 
@@ -192,3 +193,62 @@ async def test_a_client_of_another_app_cannot_take_over_a_connection(
         await watcher.receive_until("presEvt", timeout=GRACE_S + 1.5, action="leave")
     for client in (victim, watcher, attacker):
         await client.close()
+
+
+async def test_watching_many_channels_costs_no_nats_consumers(hardened: Cluster) -> None:
+    """Item 3: presSub on 1,100 distinct channels: the first 1,000 (RT_MAX_CHANNELS, which
+    counts presSub too) are acked, the rest refused with 42900, the gateway spends no NATS
+    consumer per watched channel, and presence keeps working for everyone, other apps too."""
+    hostile = await json_client(hardened.a.url, clientId="watch-all")
+    prefix = channel_name("many")
+    for index in range(1100):
+        await hostile.send({"t": "presSub", "id": index + 1, "channel": f"{prefix}-{index}"})
+    answers: dict[str, int] = {}
+    for _ in range(1100):
+        frame = await hostile.receive(30)
+        kind = frame["t"] if frame["t"] == "ack" else str(frame.get("code"))
+        answers[kind] = answers.get(kind, 0) + 1
+    assert answers == {"ack": 1000, "42900": 100}, answers
+    consumers = await presence_consumer_count(hardened)
+    assert consumers <= 4, consumers  # one feed per gateway, whatever is watched
+    other = await json_client(hardened.b.url, key="app2.main:secret-two", clientId="neighbour")
+    channel = channel_name()
+    assert (await other.request("sub", channel=channel))["t"] == "ack"
+    assert (await other.request("presSub", channel=channel))["t"] == "ack"
+    assert (await other.request("pres", channel=channel, action="enter", data=1))["t"] == "ack"
+    enter = await other.receive_until("presEvt", timeout=5)
+    assert enter["clientId"] == "neighbour"
+    await hostile.close()
+    await other.close()
+
+
+async def presence_consumer_count(cluster: Cluster) -> int:
+    client = await nats.connect(cluster.nats.url)
+    try:
+        info = await client.jetstream().stream_info("KV_rt_presence")
+        return int(info.state.consumer_count)
+    finally:
+        await client.close()
+
+
+async def test_a_json_sub_does_not_fail_when_presence_is_unavailable() -> None:
+    """Item 3: JSON subscriptions carry presence events, but messages come first: with the
+    presence bucket gone, `sub` still works (and `presSub` answers 50000)."""
+    with running_cluster() as cluster:
+        client = await nats.connect(cluster.nats.url)
+        try:
+            await client.jetstream().delete_stream("KV_rt_presence")
+        finally:
+            await client.close()
+        subscriber = await json_client(cluster.a.url)
+        channel = channel_name()
+        assert (await subscriber.request("sub", channel=channel))["t"] == "ack"
+        failed = await subscriber.request("presSub", channel=channel)
+        assert failed["t"] == "err" and failed["code"] == 50000
+        publisher = await json_client(cluster.b.url)
+        ack = await publisher.request("pub", channel=channel, name="n", data=1, messageId="m1")
+        assert ack["t"] == "ack"
+        message = await subscriber.receive_until("msg", timeout=5)
+        assert message["data"] == 1
+        await subscriber.close()
+        await publisher.close()
