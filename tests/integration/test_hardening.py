@@ -15,7 +15,10 @@ from collections.abc import Iterator
 import nats
 import orjson
 import pytest
+import websockets
 
+from shared import binary_codec
+from shared.frames import ErrorFrame, SubscribeFrame
 from tests.support import (
     Cluster,
     JsonClient,
@@ -24,6 +27,9 @@ from tests.support import (
     json_client,
     metric_value,
     running_cluster,
+    start_nats,
+    start_service,
+    wait_ready,
 )
 
 OUTBOX_MAX_BYTES = 256 * 1024
@@ -252,3 +258,72 @@ async def test_a_json_sub_does_not_fail_when_presence_is_unavailable() -> None:
         assert message["data"] == 1
         await subscriber.close()
         await publisher.close()
+
+
+async def test_unauthenticated_floods_of_records_do_not_stall_others(hardened: Cluster) -> None:
+    """Item 5: eight unauthenticated clients each send a first message of 1 MiB of `sub`
+    records; each is refused (40001, close) without decoding them, and a bystander's ping
+    round trip stays short."""
+    bystander = await json_client(hardened.a.url)
+    record = binary_codec.frame_record(binary_codec.encode_client_frame(SubscribeFrame(1, "c")))
+    flood = record * (1024 * 1024 // len(record))
+
+    async def attack() -> tuple[int, bytes]:
+        async with websockets.connect(hardened.a.url, compression=None, max_size=None) as socket:
+            await socket.send(flood)
+            reply = await asyncio.wait_for(socket.recv(), 10)
+            assert isinstance(reply, bytes)
+            with contextlib.suppress(websockets.ConnectionClosed):
+                await asyncio.wait_for(socket.recv(), 10)
+            return socket.close_code or 0, reply
+
+    attacks = asyncio.gather(*(attack() for _ in range(8)))
+    round_trips = [await ping_round_trip(bystander) for _ in range(5)]
+    results = await attacks
+    for close_code, reply in results:
+        frame = binary_codec.decode_server_record(next(binary_codec.iter_records(reply)))
+        assert isinstance(frame, ErrorFrame) and frame.code == 40001, frame
+        assert close_code == 1008
+    assert max(round_trips) < 0.5, round_trips
+    await bystander.close()
+
+
+async def test_deeply_nested_data_gets_40001_and_the_connection_stays(hardened: Cluster) -> None:
+    """Item 7: `data` nested 500 deep is refused with the request's id; before, the
+    connection closed with no err and the SDK resent the publish forever."""
+    client = await json_client(hardened.a.url)
+    nested = "[" * 500 + "1" + "]" * 500
+    await client.send('{"t":"pub","id":41,"channel":"deep","messageId":"d1","data":' + nested + "}")
+    answer = await client.receive_until("err", timeout=5)
+    assert answer["code"] == 40001 and answer["id"] == 41
+    assert await ping_round_trip(client) < 1.0
+    await client.close()
+
+
+async def test_a_resume_that_fails_leaves_no_subscription() -> None:
+    """A resuming `sub` answered 50000 (no history worker) does not stay subscribed, and
+    gives its channel slot back."""
+    nats_server = start_nats()
+    gateway = start_service(
+        "gateway",
+        nats_server.url,
+        env={"RT_REQUEST_TIMEOUT_S": "0.5", "RT_MAX_CHANNELS": "1"},
+    )
+    try:
+        wait_ready(gateway.port)
+        subscriber = await json_client(gateway.url)
+        channel = channel_name()
+        failed = await subscriber.request("sub", channel=channel, lastSerial=3)
+        assert failed["t"] == "err" and failed["code"] == 50000
+        publisher = await json_client(gateway.url)
+        ack = await publisher.request("pub", channel=channel, name="n", data=1, messageId="x")
+        assert ack["t"] == "ack"
+        with pytest.raises(TimeoutError):
+            await subscriber.receive_until("msg", timeout=1.0)
+        # The slot is free again (RT_MAX_CHANNELS=1).
+        assert (await subscriber.request("sub", channel=channel_name()))["t"] == "ack"
+        await subscriber.close()
+        await publisher.close()
+    finally:
+        gateway.stop()
+        nats_server.stop()
