@@ -10,6 +10,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.app import create_app
+from gateway.guard import ConnectionGuard
 from gateway.services import GatewayServices
 from shared.session import CLOSE_GOING_AWAY
 from shared.settings import Settings
@@ -43,16 +44,27 @@ async def run_gateway(settings: Settings, stop: asyncio.Event) -> None:
     services = GatewayServices.create(settings)
     services.broker.start()
     presence = asyncio.create_task(services.presence.start(), name="presence")
+    guard = ConnectionGuard(settings.header_timeout_s, settings.max_connections_per_address)
+    app = create_app(services)
+    app.middlewares.append(guard.middleware)
     runner = web.AppRunner(
-        create_app(services),
+        app,
         access_log=None,
         handle_signals=False,
         shutdown_timeout=_SHUTDOWN_GRACE_S,
     )
     await runner.setup()
-    # A deep accept queue: reconnect storms (a gateway restart, a network blip) arrive at once.
-    site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True, backlog=4096)
-    await site.start()
+    server = runner.server
+    assert server is not None  # set by setup()
+    # What web.TCPSite.start does, with the guard in front of aiohttp's protocol factory. A
+    # deep accept queue: reconnect storms (a gateway restart, a network blip) arrive at once.
+    listener = await asyncio.get_running_loop().create_server(
+        guard.protocols(server),
+        settings.host,
+        settings.port,
+        reuse_address=True,
+        backlog=4096,
+    )
     # Long-lived objects (modules, settings, the app) need no cyclic GC scans; and a fan-out
     # allocates many short-lived objects, so collect young generations less often: full
     # collections were the main source of multi-millisecond delivery stalls.
@@ -70,6 +82,7 @@ async def run_gateway(settings: Settings, stop: asyncio.Event) -> None:
         for connection in list(services.registry.connections.values()):
             connection.close(CLOSE_GOING_AWAY, "server shutting down")
         await asyncio.sleep(0.1)  # let writers flush their close frames
+        listener.close()  # no new connections while the open ones are shut down
         await runner.cleanup()
         presence.cancel()
         await services.broker.close()

@@ -42,6 +42,14 @@ class Settings:
     auth_timeout_s: float = field(
         default=10.0, metadata=_env("RT_AUTH_TIMEOUT_S", "close sockets that send no auth by then")
     )
+    header_timeout_s: float = field(
+        default=10.0,
+        metadata=_env("RT_HEADER_TIMEOUT_S", "close connections whose request head is late"),
+    )
+    max_connections_per_address: int = field(
+        default=0,
+        metadata=_env("RT_MAX_CONNECTIONS_PER_ADDRESS", "TCP connections per client IP, 0 = any"),
+    )
     max_frame_bytes: int = field(
         default=64 * 1024, metadata=_env("RT_MAX_FRAME_BYTES", "largest accepted client frame")
     )
