@@ -125,12 +125,15 @@ class Outbox:
         self._size = 0
         self._notify_drained()
 
-    async def wait_drained(self) -> None:
-        """Wait until the queue is no longer ``backed_up`` (or is closed)."""
-        while self.backed_up and not self.closed:
-            if self._drained is None:
-                self._drained = asyncio.get_running_loop().create_future()
-            await self._drained
+    async def wait_drained(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        """Wait until the queue is no longer ``backed_up`` (or is closed), or ``timeout``
+        seconds: a paused reader also has to notice a transport that went away."""
+        if not self.backed_up or self.closed:
+            return
+        if self._drained is None:
+            self._drained = asyncio.get_running_loop().create_future()
+        # asyncio.wait never cancels the shared future, whatever happens to this waiter.
+        await asyncio.wait((self._drained,), timeout=timeout)
 
     def _notify_drained(self) -> None:
         drained = self._drained

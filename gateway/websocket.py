@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 _WRITE_DRAIN_TIMEOUT_S = 5.0
 # How long the close handshake may take before the transport is aborted.
 _CLOSE_TIMEOUT_S = 2.0
+# How often a reader paused by back-pressure checks whether the client went away.
+_PAUSED_CHECK_S = 0.5
 # Above this many unsent bytes in the transport, stop writing directly and wait for drain.
 _TRANSPORT_HIGH_WATER = 256 * 1024
 _TRANSPORT_LOW_WATER = 64 * 1024
@@ -121,8 +123,11 @@ async def serve_websocket(request: web.Request, services: GatewayServices) -> we
         while not connection.is_closing:
             if outbox.backed_up:
                 # The client does not read its replies: stop reading its requests until it
-                # does, so TCP pushes back on it instead of our memory growing.
-                await outbox.wait_drained()
+                # does, so TCP pushes back on it instead of our memory growing. While paused
+                # nothing reads the socket's end, so look at the transport now and then.
+                await outbox.wait_drained(_PAUSED_CHECK_S)
+                if transport is not None and transport.is_closing():
+                    break
                 continue
             message = await socket.receive()
             last_seen[0] = loop.time()
@@ -218,9 +223,7 @@ async def _write(
         outbox.discard()
         # A client that does not read never answers the close frame: bounded wait.
         with contextlib.suppress(BaseException):
-            await asyncio.wait_for(
-                socket.close(
+            async with asyncio.timeout(_CLOSE_TIMEOUT_S):
+                await socket.close(
                     code=connection.close_code, message=connection.close_reason.encode()[:120]
-                ),
-                _CLOSE_TIMEOUT_S,
-            )
+                )

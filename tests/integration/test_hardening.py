@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -324,6 +325,27 @@ async def test_a_resume_that_fails_leaves_no_subscription() -> None:
         assert (await subscriber.request("sub", channel=channel_name()))["t"] == "ack"
         await subscriber.close()
         await publisher.close()
+    finally:
+        gateway.stop()
+        nats_server.stop()
+
+
+async def test_malformed_http_requests_log_one_short_line() -> None:
+    """Malformed request lines used to log a ten-line traceback each (at debug level): now
+    one line, rate-limited, and the client gets 400."""
+    nats_server = start_nats()
+    gateway = start_service("gateway", nats_server.url, env={"RT_LOG_LEVEL": "DEBUG"})
+    try:
+        wait_ready(gateway.port)
+        for _ in range(20):
+            with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as sock:
+                sock.sendall(b"GARBAGE\x01 / HTTP/1.1\r\n\r\n")
+                assert sock.recv(64).startswith(b"HTTP/1.0 400")
+        await asyncio.sleep(0.5)
+        log = gateway.log()
+        assert "Traceback" not in log
+        lines = [line for line in log.splitlines() if "malformed HTTP request" in line]
+        assert 1 <= len(lines) <= 2, lines
     finally:
         gateway.stop()
         nats_server.stop()
