@@ -20,10 +20,10 @@ import nats
 import orjson
 import websockets
 
-from realtime.cluster import APP_KEY, running_cluster
 from shared import binary_codec, subjects
 from shared.frames import AuthFrame, HistoryFrame, Message
 from shared.subjects import SERIAL_HEADER
+from testing.cluster import APP_KEY, running_cluster
 
 __all__ = ["main"]
 

@@ -16,7 +16,7 @@ import nats
 
 from bench.cpu import cpu_seconds
 from bench.loadgen import PublisherSpec, run_processes, shuffled
-from realtime.cluster import APP_KEY, Cluster, running_cluster
+from testing.cluster import APP_KEY, Cluster, running_cluster
 
 __all__ = ["main"]
 

@@ -27,14 +27,14 @@ from bench.fanout import (
     measure_rate,
     summarize_latency,
 )
-from realtime.cluster import (
+from realtime.dev import find_nats_server
+from testing.cluster import (
     APP_KEY,
     Cluster,
     free_port,
     running_cluster,
     wait_for_port,
 )
-from realtime.dev import find_nats_server
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"

@@ -67,6 +67,8 @@ _MAX_REPLAY_BUFFER = 10_000
 _DEFAULT_HISTORY_LIMIT = 100
 _MAX_HISTORY_LIMIT = 1000
 _MAX_FETCH = 1000
+# How often a replay waiting for a slow reader checks that the connection is still open.
+_REPLAY_DRAIN_CHECK_S = 0.5
 
 
 class _ReplayGate:
@@ -289,36 +291,79 @@ class Connection:
         gate = self._replay_gates[channel] = _ReplayGate()
         try:
             await self.services.router.add(identity.app, channel, self)
-            result = await self.services.history.query(
-                HistoryQuery(
-                    HistoryOp.RESUME,
-                    identity.app,
-                    channel,
-                    limit=_MAX_FETCH,
-                    from_serial=frame.last_serial,
-                    message_id="" if frame.last_serial else frame.last_message_id,
-                )
-            )
+            resumed, last_sent = await self._replay(identity.app, frame)
         except BaseException:
             self._replay_gates.pop(channel, None)
             raise
-        # Not resumed (aged out, or a cursor we never issued): nothing was replayed and every
-        # held live message goes out.
-        last_sent = frame.last_serial if result.flag else 0
-        if self.session.codec is Codec.BINARY:
-            for member in result.members:
-                self.outbox.put(frame_record(message_record_from_member(member)))
-            last_sent += len(result.members)  # the replay is contiguous from the cursor
-        else:
-            for message in result.messages:
-                self.send(MessageFrame(message))
-                last_sent = message.serial
         del self._replay_gates[channel]
         for delivery in gate.buffer:
             serial = delivery.message.serial
             if serial == 0 or serial > last_sent:
                 self.deliver(delivery)
-        self.send(AckFrame(frame.id, resumed=result.flag))
+        self.send(AckFrame(frame.id, resumed=resumed))
+
+    async def _replay(self, app: str, frame: SubscribeFrame) -> tuple[bool, int]:
+        """Send every retained message after the resume cursor, in pages, waiting for the
+        client to read each before the next (memory stays bounded however many it missed).
+        Returns ``resumed`` and the last serial sent.
+
+        The replay goes on until the channel's newest serial at the last page, so nothing
+        after the cursor is left for a later live message to reveal (on a quiet channel,
+        never). A cursor more than ``resume_max_records`` behind is answered
+        ``resumed:false`` with no replay (PROTOCOL.md 3.5): the client starts afresh rather
+        than being sent an unbounded backlog."""
+        channel = frame.channel
+        history = self.services.history
+        result = await history.query(
+            HistoryQuery(
+                HistoryOp.RESUME,
+                app,
+                channel,
+                limit=_MAX_FETCH,
+                from_serial=frame.last_serial,
+                message_id="" if frame.last_serial else frame.last_message_id,
+            )
+        )
+        if not result.flag:
+            # Not resumed (aged out, or a cursor we never issued): nothing is replayed and
+            # every held live message goes out.
+            return False, 0
+        if frame.last_serial:
+            cursor = frame.last_serial
+        elif result.members:  # a legacy message-id cursor: the replay starts right after it
+            cursor = result.messages[0].serial - 1
+        else:
+            cursor = result.newest
+        if result.newest - cursor > self._resume_max_records():
+            return False, 0
+        last_sent = self._send_replay(result, cursor)
+        while result.members and last_sent < result.newest:
+            while self.outbox.backed_up and not self.is_closing:
+                await self.outbox.wait_drained(_REPLAY_DRAIN_CHECK_S)
+            if self.is_closing:
+                break
+            result = await history.query(
+                HistoryQuery(HistoryOp.FETCH, app, channel, _MAX_FETCH, from_serial=last_sent)
+            )
+            if not result.flag:
+                break  # aged out while replaying: the client sees the gap and fetches
+            last_sent = self._send_replay(result, last_sent)
+        return True, last_sent
+
+    def _send_replay(self, result: HistoryResult, last_sent: int) -> int:
+        """Queue one page of a replay; return the last serial it carried."""
+        if self.session.codec is Codec.BINARY:
+            for member in result.members:
+                self.outbox.put(frame_record(message_record_from_member(member)))
+            return last_sent + len(result.members)  # pages are contiguous from the cursor
+        for message in result.messages:
+            self.send(MessageFrame(message))
+            last_sent = message.serial
+        return last_sent
+
+    def _resume_max_records(self) -> int:
+        settings = self.services.settings
+        return settings.resume_max_records or settings.retention_max_messages_per_channel
 
     async def _unsubscribe(self, frame: UnsubscribeFrame) -> None:
         identity = self.session.identity

@@ -38,4 +38,8 @@ class HistoryClient:
             except ValueError:
                 code = ErrorCode.SERVER
             raise ProtocolError(code, message or "history request failed")
-        return history.decode_result(reply.data)
+        result = history.decode_result(reply.data)
+        newest = reply.headers.get(history.NEWEST_HEADER) if reply.headers else None
+        if newest and newest.isdigit():
+            result = HistoryResult(result.members, result.flag, int(newest))
+        return result

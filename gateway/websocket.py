@@ -97,9 +97,10 @@ async def serve_websocket(request: web.Request, services: GatewayServices) -> we
     frame, the transport is aborted if it could not, and ``Connection.finish`` always runs.
     """
     settings = services.settings
-    # Compression off: permessage-deflate doubles fan-out CPU (../shared/NOTES-STACK.md), and
-    # browsers always offer it. aiohttp's own size cap sits well above the protocol's limit
-    # so that an oversized frame gets a 40001 err instead of a closed socket.
+    # Compression off: permessage-deflate roughly doubles fan-out CPU (measured in aiohttp:
+    # 4.9 -> 10.5 CPU-s per 1M deliveries to 1,000 connections), and browsers always offer it.
+    # aiohttp's own size cap sits well above the protocol's limit so that an oversized frame
+    # gets a 40001 err instead of a closed socket.
     socket = web.WebSocketResponse(
         compress=False,
         max_msg_size=max(4 * settings.max_frame_bytes, 1024 * 1024),

@@ -77,7 +77,7 @@ class HistoryService:
                 message_id = history.strip_member_suffix(query.message_id)
                 found = await self._reader.find_serial(subject, bounds, message_id)
             if not found:
-                return HistoryResult((), False)
+                return HistoryResult((), False, newest)
             cursor = found
         if query.op is HistoryOp.HISTORY:
             span = history.history_range(oldest, newest, cursor, limit)
@@ -86,14 +86,14 @@ class HistoryService:
         else:
             span = history.resume_range(oldest, newest, cursor, limit)
         if not span.count or bounds is None:
-            return HistoryResult((), span.flag)
+            return HistoryResult((), span.flag, newest)
         if query.op is HistoryOp.HISTORY:
             members = await self._read_newest(subject, bounds, span.first, span.last)
         else:
             members = await self._read_oldest(subject, bounds, span.first, span.last)
         sizes = [history.encoded_member_size(member) for member in members]
         cut = history.cut_page(sizes, query.op, self.max_reply_bytes, span.flag)
-        return HistoryResult(tuple(members[cut.start : cut.stop]), cut.flag)
+        return HistoryResult(tuple(members[cut.start : cut.stop]), cut.flag, newest)
 
     def _next_chunk(self, used: int, count: int) -> int:
         """How many more members probably fill the budget (plus one, to see it overflow),
@@ -173,7 +173,7 @@ async def _connect(settings: Settings) -> NatsClient:
     while True:
         try:
             return await nats.connect(
-                servers=settings.nats_url.split(","),
+                servers=settings.nats_urls,
                 name="realtime-history-worker",
                 connect_timeout=2,
                 max_reconnect_attempts=-1,
@@ -209,7 +209,7 @@ async def send_result(
         )
         await _fail(nc, reply, ProtocolError(ErrorCode.SERVER, "history reply too large"))
         return
-    await nc.publish(reply, payload)
+    await nc.publish(reply, payload, headers={history.NEWEST_HEADER: str(result.newest)})
 
 
 async def run_history_worker(settings: Settings, stop: asyncio.Event) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from shared.logs import configure_logging
-from shared.settings import Settings
+from shared.settings import LOG_FORMATS, Settings
 
 __all__ = ["main"]
 
@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
 
     for command in (dev, gateway, worker):
         command.add_argument("--log-level", help="RT_LOG_LEVEL, default INFO")
+        command.add_argument(
+            "--log-format", choices=LOG_FORMATS, help="RT_LOG_FORMAT, default text"
+        )
     return parser
 
 
@@ -63,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if arguments.command == "dev":
             settings = Settings.load(
-                port=arguments.port, api_keys=arguments.key, log_level=arguments.log_level
+                port=arguments.port,
+                api_keys=arguments.key,
+                log_level=arguments.log_level,
+                log_format=arguments.log_format,
             )
         elif arguments.command == "gateway":
             settings = Settings.load(
@@ -71,14 +77,19 @@ def main(argv: list[str] | None = None) -> int:
                 port=arguments.port,
                 nats_url=arguments.nats,
                 log_level=arguments.log_level,
+                log_format=arguments.log_format,
             )
         else:
-            settings = Settings.load(nats_url=arguments.nats, log_level=arguments.log_level)
+            settings = Settings.load(
+                nats_url=arguments.nats,
+                log_level=arguments.log_level,
+                log_format=arguments.log_format,
+            )
         settings.keys()
     except ValueError as error:
         print(f"realtime: {error}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
 
     if arguments.command == "dev":
         from realtime.dev import run_dev

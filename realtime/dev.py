@@ -15,7 +15,7 @@ from pathlib import Path
 
 from gateway.main import run_gateway
 from history_worker.worker import run_history_worker
-from shared.settings import DEV_API_KEY, Settings
+from shared.settings import DEV_API_KEY, Settings, split_list
 
 __all__ = ["find_nats_server", "run_dev", "start_nats_server"]
 
@@ -106,7 +106,7 @@ async def run_dev(settings: Settings, stop: asyncio.Event, nats_port: int, data_
     forever while looking healthy, so this says so on stderr, stops them and raises
     ``SystemExit(1)``.
     """
-    if not settings.api_keys:
+    if not split_list(settings.api_keys):
         settings = dataclasses.replace(settings, api_keys=DEV_API_KEY)
         log.warning(
             "*** no API key configured: using the DEV key %s (never in production) ***", DEV_API_KEY
@@ -124,7 +124,7 @@ async def run_dev(settings: Settings, stop: asyncio.Event, nats_port: int, data_
         asyncio.create_task(run_gateway(settings, stop), name="gateway"),
         asyncio.create_task(run_history_worker(settings, stop), name="history worker"),
     ]
-    key = settings.api_keys.split(",")[0]
+    key = split_list(settings.api_keys)[0]
     print(
         f"\nRealtime dev cluster\n"
         f"  endpoint  ws://{settings.host}:{settings.port}\n"

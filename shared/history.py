@@ -20,6 +20,7 @@ from shared.frames import Message
 
 __all__ = [
     "ERROR_HEADER",
+    "NEWEST_HEADER",
     "RESULT_OVERHEAD",
     "HistoryOp",
     "HistoryQuery",
@@ -40,6 +41,11 @@ __all__ = [
 
 ERROR_HEADER = "Rt-Error"
 """Header of a worker reply that failed: ``<code> <message>``."""
+
+NEWEST_HEADER = "Rt-Newest"
+"""Header of a worker reply: the channel's newest serial when the query was answered (a
+resume keeps reading pages until it has replayed up to it). A header, not part of the body,
+so gateways and workers of different versions understand each other during an upgrade."""
 
 RESULT_OVERHEAD = 1
 """Bytes of an encoded result besides its members (the flag byte)."""
@@ -75,6 +81,7 @@ class HistoryResult:
 
     members: tuple[bytes, ...]
     flag: bool
+    newest: int = 0
 
     @property
     def messages(self) -> tuple[Message, ...]:

@@ -2,21 +2,112 @@
 
 Every default works out of the box on a laptop. Flags override environment variables, which
 override defaults. The table in README.md ("Configuration") lists the same fields.
+
+Environment values are parsed by the field's type: booleans take true/false, 1/0, yes/no,
+on/off; durations (float fields named ``*_s``) take plain seconds or a number with a unit
+(``500ms``, ``10s``, ``5m``, ``2h``, ``1d``); lists stay comma-separated strings, read
+through ``split_list``. Anything unparsable is a ``ValueError`` naming the variable.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Self
 
 from shared.auth import ApiKey, Keyring, parse_api_key
 
-__all__ = ["DEV_API_KEY", "Settings"]
+__all__ = [
+    "DEV_API_KEY",
+    "LOG_FORMATS",
+    "Settings",
+    "parse_bool",
+    "parse_duration",
+    "parse_float",
+    "parse_int",
+    "split_list",
+]
 
 DEV_API_KEY = "dev.root:dev-secret"
+LOG_FORMATS = ("text", "json")
+
+_TRUE = frozenset({"true", "1", "yes", "on"})
+_FALSE = frozenset({"false", "0", "no", "off"})
+_DURATION = re.compile(r"(?P<number>[0-9]*\.?[0-9]+)\s*(?P<unit>ms|s|m|h|d)", re.IGNORECASE)
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_bool(text: str) -> bool:
+    """``true``/``1``/``yes``/``on`` or ``false``/``0``/``no``/``off``, any case; else
+    ``ValueError`` (``bool("false")`` is true, so a plain cast would accept anything)."""
+    word = text.strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise ValueError("expected a boolean: true/false, 1/0, yes/no or on/off")
+
+
+def parse_int(text: str) -> int:
+    """A decimal integer (sign allowed); else ``ValueError``."""
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise ValueError("expected an integer") from None
+
+
+def parse_float(text: str) -> float:
+    """A finite decimal number; else ``ValueError`` (``nan`` and ``inf`` included)."""
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ValueError("expected a number") from None
+    if not math.isfinite(value):
+        raise ValueError("expected a finite number")
+    return value
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from plain seconds (``2.5``) or a number with a unit (``500ms``, ``10s``,
+    ``5m``, ``2h``, ``1d``); a negative or non-finite duration is a ``ValueError``."""
+    stripped = text.strip()
+    match = _DURATION.fullmatch(stripped)
+    if match is not None:
+        seconds = float(match["number"]) * _UNIT_SECONDS[match["unit"].lower()]
+    else:
+        try:
+            seconds = float(stripped)
+        except ValueError:
+            raise ValueError(
+                "expected a duration: seconds, or a number with ms, s, m, h or d"
+            ) from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError("expected a duration of zero or more")
+    return seconds
+
+
+def split_list(text: str) -> list[str]:
+    """The items of a comma-separated setting, whitespace stripped and empty items dropped
+    (``"a, b,"`` is ``["a", "b"]``)."""
+    return [item for item in (part.strip() for part in text.split(",")) if item]
+
+
+def _parser(name: str, kind: object) -> Callable[[str], Any]:
+    """How the field ``name`` of type ``kind`` reads an environment value."""
+    if kind is bool:
+        return parse_bool
+    if kind is int:
+        return parse_int
+    if kind is float:
+        return parse_duration if name.endswith("_s") else parse_float
+    if kind is str:
+        return str
+    raise TypeError(f"setting {name} has type {kind!r}, which has no environment parser")
 
 
 def _env(name: str, help_text: str) -> dict[str, str]:
@@ -83,6 +174,13 @@ class Settings:
     retention_max_bytes: int = field(
         default=-1, metadata=_env("RT_RETENTION_MAX_BYTES", "stream size cap, -1 = none")
     )
+    resume_max_records: int = field(
+        default=0,
+        metadata=_env(
+            "RT_RESUME_MAX_RECORDS",
+            "most messages a resume replays (0 = per-channel retention); beyond: resumed:false",
+        ),
+    )
     presence_bucket: str = field(
         default="rt_presence", metadata=_env("RT_PRESENCE_BUCKET", "KV bucket of presence")
     )
@@ -108,31 +206,46 @@ class Settings:
         default=2.0, metadata=_env("RT_REQUEST_TIMEOUT_S", "NATS request timeout (history, acks)")
     )
     log_level: str = field(default="INFO", metadata=_env("RT_LOG_LEVEL", "logging level"))
+    log_format: str = field(
+        default="text",
+        metadata=_env("RT_LOG_FORMAT", "log lines as text, or json (one object per line)"),
+    )
+
+    def __post_init__(self) -> None:
+        # Checked here so a flag, the environment and dataclasses.replace are all caught early,
+        # before the process has started anything.
+        if self.log_format.lower() not in LOG_FORMATS:
+            raise ValueError(f"RT_LOG_FORMAT={self.log_format!r}: expected text or json")
 
     @classmethod
-    def load(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    def load(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Self:
         """Build settings from ``environ`` (default ``os.environ``), then ``overrides``.
 
         ``None`` overrides are ignored, so unset CLI flags fall through to the environment.
         """
         environ = os.environ if environ is None else environ
+        # The resolved annotations, not type(default): a subclass may declare any field.
+        kinds = typing.get_type_hints(cls)
         values: dict[str, Any] = {}
         for spec in dataclasses.fields(cls):
-            raw = environ.get(spec.metadata["env"])
+            variable = spec.metadata["env"]
+            raw = environ.get(variable)
             if raw is not None and raw != "":
-                kind = cast(Callable[[str], Any], type(spec.default))
                 try:
-                    values[spec.name] = kind(raw)
-                except ValueError:
-                    raise ValueError(
-                        f"{spec.metadata['env']}={raw!r} is not a {type(spec.default).__name__}"
-                    ) from None
+                    values[spec.name] = _parser(spec.name, kinds[spec.name])(raw)
+                except ValueError as error:
+                    raise ValueError(f"{variable}={raw!r}: {error}") from None
         values.update({name: value for name, value in overrides.items() if value is not None})
         return cls(**values)
 
+    @property
+    def nats_urls(self) -> list[str]:
+        """The NATS server URLs of ``nats_url``, as a list (what ``nats.connect`` takes)."""
+        return split_list(self.nats_url)
+
     def keys(self) -> list[ApiKey]:
         """Parse ``api_keys``; raise ``ValueError`` naming a malformed key."""
-        return [parse_api_key(text) for text in self.api_keys.split(",") if text.strip()]
+        return [parse_api_key(text) for text in split_list(self.api_keys)]
 
     def keyring(self) -> Keyring:
         """The keyring built from ``api_keys``."""

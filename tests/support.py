@@ -1,5 +1,5 @@
 """Test clients (JSON and binary) over ``websockets``; the cluster helpers live in
-``realtime.cluster``."""
+``testing.cluster``."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from typing import Any
 import orjson
 import websockets
 
-from realtime.cluster import (  # noqa: F401 - re-exported for the tests
+from shared import binary_codec
+from shared.frames import ClientFrame, ServerFrame
+from testing.cluster import (  # noqa: F401 - re-exported for the tests
     APP_KEY,
     OTHER_APP_KEY,
     RESTRICTED_KEY,
@@ -31,8 +33,6 @@ from realtime.cluster import (  # noqa: F401 - re-exported for the tests
     wait_for_port,
     wait_ready,
 )
-from shared import binary_codec
-from shared.frames import ClientFrame, ServerFrame
 
 # ---- clients ----
 

@@ -251,9 +251,9 @@ async def test_message_id_cursor_is_looked_for_among_the_newest_serials_only(
 
     service = HistoryService(reader, None)
     old = await service.answer(query(HistoryOp.HISTORY, small_channel, message_id="s-3"))
-    assert old == HistoryResult((), False)
+    assert old == HistoryResult((), False, SMALL_COUNT)
     gone = await service.answer(query(HistoryOp.RESUME, small_channel, message_id="s-3"))
-    assert gone == HistoryResult((), False), "resumed false"
+    assert gone == HistoryResult((), False, SMALL_COUNT), "resumed false"
     recent = await service.answer(
         query(HistoryOp.HISTORY, small_channel, limit=2, message_id=f"s-{SMALL_COUNT - 1}")
     )

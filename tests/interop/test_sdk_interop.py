@@ -111,3 +111,11 @@ def test_presence_survives_a_cut_connection_without_churn(cluster: Cluster) -> N
     assert result["states"][:3] == ["disconnected", "connecting", "connected"]
     assert result["events"] == [["enter", "sdk-flaky", {"n": 1}]]  # no leave/enter on resume
     assert result["after"] == [["enter", "sdk-flaky", {"n": 1}], ["leave", "sdk-flaky", {"n": 1}]]
+
+
+def test_resume_after_missing_1500_messages_on_a_quiet_channel(cluster: Cluster) -> None:
+    """Issue 10 item 6: more than one page (1,000) missed, and nothing published after the
+    client comes back: the resume alone must deliver every one, in order."""
+    result = scenario(cluster, "resume-backlog")
+    assert result["received"] == list(range(1501))
+    assert result["state"] == "connected"

@@ -107,9 +107,10 @@ async def test_a_reply_above_max_payload_is_an_error_and_logged(
 ) -> None:
     query = HistoryQuery(HistoryOp.HISTORY, "app", "chan", limit=10)
     nc = FakeNats(max_payload=100)
-    fits = HistoryResult((b"m" * 50,), True)
+    fits = HistoryResult((b"m" * 50,), True, 7)
     await send_result(nc, "inbox.1", query, fits)  # type: ignore[arg-type]
-    assert nc.published == [("inbox.1", history.encode_result(fits), None)]
+    expected = ("inbox.1", history.encode_result(fits), {history.NEWEST_HEADER: "7"})
+    assert nc.published == [expected]
 
     nc.published.clear()
     with caplog.at_level(logging.ERROR, logger="history_worker.worker"):

@@ -1,6 +1,7 @@
 """Local clusters of real processes: nats-server, gateways and history workers on free
 loopback ports. Used by the tests and the benchmarks; ``realtime dev`` is the interactive
-twin of ``running_cluster``."""
+twin of ``running_cluster``. ``testcontainers`` is imported here only, and only when
+``RT_TEST_NATS=docker`` asks for it."""
 
 from __future__ import annotations
 
