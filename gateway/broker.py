@@ -5,7 +5,12 @@ Serials: each channel has its own subject in one stream. A publish carries
 the next serial in the ``Rt-Serial`` header, so JetStream stores it only if no other publisher
 got in first; on conflict (error 10071) we re-read the channel's last message and retry.
 Serials are therefore contiguous per channel across any number of gateways, and survive
-restarts (they live in the stream).
+restarts (they live in the stream). They also survive retention: a second stream (the tails
+stream, ``<stream>_TAILS``) sources every stored message from the message stream, server-side,
+with its subject moved to ``rt.tail.<app>.<channel>`` and one message kept per subject and no
+age limit. When every message of a channel has aged out (or been discarded by the byte cap),
+the next publish continues from the serial kept there instead of restarting at 1, so a client
+holding an old cursor is never told about a different message with the same serial.
 
 Within one gateway, publishes to one channel wait in a FIFO queue drained by one task: they
 never conflict with each other and keep arrival order. What queues up while a store is in
@@ -35,6 +40,8 @@ from nats.js.api import (
     RePublish,
     StorageType,
     StreamConfig,
+    StreamSource,
+    SubjectTransform,
 )
 from nats.js.errors import BadRequestError, NotFoundError
 
@@ -140,7 +147,7 @@ class Broker:
             log.info("NATS reconnected")
 
         self.nc = await nats.connect(
-            servers=self.settings.nats_url.split(","),
+            servers=self.settings.nats_urls,
             name="realtime-gateway",
             connect_timeout=2,
             allow_reconnect=True,
@@ -338,7 +345,10 @@ class Broker:
         reply = await self._direct_get(f"{self.settings.stream_name}.{subject}", b"")
         headers = reply.headers or {}
         if headers.get("Status") == "404":
-            tail = _ChannelTail(0, 0)
+            # Nothing retained: a new channel, or one whose messages all aged out. The tails
+            # stream remembers the last serial of the latter; stream sequence 0 still tells
+            # JetStream to expect an empty subject.
+            tail = _ChannelTail(0, await self._retained_serial(subject))
         else:
             tail = _ChannelTail(
                 int(headers["Nats-Sequence"]),
@@ -347,6 +357,13 @@ class Broker:
             )
         self._remember(subject, tail)
         return tail
+
+    async def _retained_serial(self, subject: str) -> int:
+        """The last serial the tails stream kept for the channel of ``subject`` (0: none)."""
+        tail = subjects.TAIL_PREFIX + subject[len(subjects.STORED_PREFIX) :]
+        stream = subjects.tails_stream(self.settings.stream_name)
+        reply = await self._direct_get(f"{stream}.{tail}", b"")
+        return int((reply.headers or {}).get(SERIAL_HEADER, 0) or 0)
 
     async def _serial_at(self, stream_sequence: int) -> int:
         reply = await self._direct_get(
@@ -409,13 +426,36 @@ async def bootstrap(js: JetStreamContext, settings: Settings) -> None:
         storage=StorageType.FILE,
         num_replicas=settings.stream_replicas,
         discard=DiscardPolicy.OLD,
-        duplicate_window=settings.duplicate_window_s,
+        # JetStream refuses a dedup window longer than the retention (and it could not
+        # remember ids of messages it no longer has anyway).
+        duplicate_window=min(settings.duplicate_window_s, settings.retention_max_age_s)
+        if settings.retention_max_age_s > 0
+        else settings.duplicate_window_s,
         max_age=settings.retention_max_age_s,
         max_msgs_per_subject=settings.retention_max_messages_per_channel,
         max_bytes=settings.retention_max_bytes,
         max_msg_size=-1,
     )
     await _create_or_update(js, stream)
+    # One message per channel, never aged: the last serial outlives retention (see the
+    # module docstring). Filled by the server, so publishing costs the gateway nothing more.
+    tails = StreamConfig(
+        name=subjects.tails_stream(settings.stream_name),
+        subjects=[],
+        sources=[
+            StreamSource(
+                name=settings.stream_name,
+                subject_transforms=[SubjectTransform(src=source, dest=f"{subjects.TAIL_PREFIX}>")],
+            )
+        ],
+        allow_direct=True,
+        storage=StorageType.FILE,
+        num_replicas=settings.stream_replicas,
+        discard=DiscardPolicy.OLD,
+        max_msgs_per_subject=1,
+        max_msg_size=-1,
+    )
+    await _create_or_update(js, tails)
     # Per-key TTLs need allow_msg_ttl (nats-py sets it for buckets); limit markers make
     # expiries visible to watchers, which is how a dead gateway's members leave.
     presence = KeyValueConfig(

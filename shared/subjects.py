@@ -13,9 +13,12 @@ __all__ = [
     "LIVE_WILDCARD",
     "SERIAL_HEADER",
     "STORED_PREFIX",
+    "TAIL_PREFIX",
     "live_subject",
     "stored_subject",
     "stream_subjects",
+    "tail_subject",
+    "tails_stream",
 ]
 
 PREFIX = "rt"
@@ -33,6 +36,7 @@ and by its republish)."""
 STORED_PREFIX = f"{PREFIX}.msg."
 LIVE_PREFIX = f"{PREFIX}.live."
 LIVE_WILDCARD = f"{LIVE_PREFIX}>"
+TAIL_PREFIX = f"{PREFIX}.tail."
 
 
 def stored_subject(app: str, channel: str) -> str:
@@ -49,3 +53,14 @@ def live_subject(app: str, channel: str) -> str:
 def stream_subjects() -> tuple[str, str]:
     """(stream subjects, republish destination) for the message stream."""
     return f"{PREFIX}.msg.>", f"{PREFIX}.live.>"
+
+
+def tail_subject(app: str, channel: str) -> str:
+    """Subject of a channel's last stored message in the tails stream, which keeps it after
+    retention has removed it from the message stream (so serials never restart)."""
+    return f"{TAIL_PREFIX}{app}.{channel}"
+
+
+def tails_stream(message_stream: str) -> str:
+    """Name of the tails stream that belongs to ``message_stream``."""
+    return f"{message_stream}_TAILS"
