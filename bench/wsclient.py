@@ -19,24 +19,13 @@ from typing import cast
 import orjson
 
 from shared import binary_codec
+from shared.websocket_frames import client_frame
 
 __all__ = ["Counter", "WebSocketClient", "client_frame", "connect_many"]
 
 _MESSAGE_OPCODES = {binary_codec.Opcode.MSG, binary_codec.Opcode.BATCH}
 MARKER = b'{"sent":'
 """Every payload the benchmark publishers send starts with this."""
-
-
-def client_frame(payload: bytes, opcode: int = 0x2) -> bytes:
-    """A masked client frame (mask key 0: XOR is the identity, so no copy is needed)."""
-    length = len(payload)
-    if length < 126:
-        header = struct.pack("!BB", 0x80 | opcode, 0x80 | length)
-    elif length < 65536:
-        header = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, length)
-    else:
-        header = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, length)
-    return header + b"\x00\x00\x00\x00" + payload
 
 
 class Counter:
@@ -110,6 +99,8 @@ class WebSocketClient(asyncio.Protocol):
         counter = self.counter
         offset = 0
         size = len(buffer)
+        # shared.websocket_frames.parse_header, inlined: this loop runs for every frame of
+        # every connection of the load generator.
         while size - offset >= 2:
             opcode = buffer[offset] & 0x0F
             length = buffer[offset + 1] & 0x7F

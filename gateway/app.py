@@ -10,11 +10,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from gateway.metrics import METRICS
 from gateway.services import GatewayServices
 from gateway.websocket import serve_websocket
+from gateway.websocket_writer import FlushScheduler
 from shared.errors import ErrorCode, http_status_for
 
 __all__ = ["SERVICES", "create_app", "error_response"]
 
 SERVICES = web.AppKey("services", GatewayServices)
+WRITE_SCHEDULER = web.AppKey("write_scheduler", FlushScheduler)
 
 
 def error_response(code: ErrorCode, message: str) -> web.Response:
@@ -46,7 +48,7 @@ async def metrics(request: web.Request) -> web.Response:
 async def root(request: web.Request) -> web.StreamResponse:
     """WebSocket upgrades on any path (PROTOCOL.md section 9, item 1); 404 otherwise."""
     if request.headers.get(hdrs.UPGRADE, "").lower() == "websocket":
-        return await serve_websocket(request, request.app[SERVICES])
+        return await serve_websocket(request, request.app[SERVICES], request.app[WRITE_SCHEDULER])
     return error_response(ErrorCode.NOT_FOUND, f"no route {request.method} {request.path}")
 
 
@@ -54,6 +56,7 @@ def create_app(services: GatewayServices) -> web.Application:
     """Build the application around ``services``."""
     app = web.Application()
     app[SERVICES] = services
+    app[WRITE_SCHEDULER] = FlushScheduler()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

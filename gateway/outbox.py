@@ -20,38 +20,11 @@ import asyncio
 from collections import deque
 from collections.abc import Callable
 
-__all__ = ["ITEM_OVERHEAD_BYTES", "FlushScheduler", "Outbox"]
+__all__ = ["ITEM_OVERHEAD_BYTES", "Outbox"]
 
 # What one queued bytes object costs beyond its payload: the object header (33 bytes on
 # 64-bit CPython), allocator rounding and the deque slot.
 ITEM_OVERHEAD_BYTES = 64
-
-
-class FlushScheduler:
-    """Runs each marked sink's ``flush`` once, at the end of the current event-loop
-    iteration: everything queued for a connection during the iteration (a burst of live
-    messages, several acks) leaves in one write, and a lone message leaves at once.
-
-    This replaces one writer-task wake-up per connection per message, which made a fan-out to
-    N connections cost N task switches per message.
-    """
-
-    def __init__(self) -> None:
-        self._marked: list[Callable[[], None]] = []
-        self._scheduled = False
-
-    def mark(self, flush: Callable[[], None]) -> None:
-        """Call ``flush`` at the end of this iteration (callers mark each sink once)."""
-        self._marked.append(flush)
-        if not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._run)
-
-    def _run(self) -> None:
-        marked, self._marked = self._marked, []
-        self._scheduled = False
-        for flush in marked:
-            flush()
 
 
 class Outbox:

@@ -17,6 +17,7 @@ import websockets
 
 from shared import binary_codec
 from shared.frames import ClientFrame, ServerFrame
+from shared.websocket_frames import OPCODE_TEXT, client_frame, parse_header
 from testing.cluster import (  # noqa: F401 - re-exported for the tests
     APP_KEY,
     OTHER_APP_KEY,
@@ -216,31 +217,20 @@ class RawWebSocket:
         assert head.startswith(b"HTTP/1.1 101"), head
 
     @staticmethod
-    def frame(payload: bytes, opcode: int = 0x1) -> bytes:
-        """One masked client frame."""
-        mask = os.urandom(4)
-        length = len(payload)
-        if length < 126:
-            header = bytes((0x80 | opcode, 0x80 | length))
-        elif length < 65536:
-            header = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, length)
-        else:
-            header = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, length)
-        masked = bytes(byte ^ mask[index % 4] for index, byte in enumerate(payload))
-        return header + mask + masked
+    def frame(payload: bytes, opcode: int = OPCODE_TEXT) -> bytes:
+        """One masked client frame with a random key, as a browser sends it."""
+        return client_frame(payload, opcode, mask=os.urandom(4))
 
     def send_json(self, frame: dict[str, Any]) -> None:
         self.sock.sendall(self.frame(orjson.dumps(frame)))
 
     def receive_frame(self) -> tuple[int, bytes]:
         """Read one unmasked server frame: (opcode, payload)."""
-        first, second = self._exactly(2)
-        length = second & 0x7F
-        if length == 126:
-            (length,) = struct.unpack("!H", self._exactly(2))
-        elif length == 127:
-            (length,) = struct.unpack("!Q", self._exactly(8))
-        return first & 0x0F, self._exactly(length)
+        header = self._exactly(2)
+        while (parsed := parse_header(header)) is None:
+            header += self._exactly(1)
+        opcode, start, end = parsed
+        return opcode, self._exactly(end - start)
 
     def _exactly(self, count: int) -> bytes:
         data = b""

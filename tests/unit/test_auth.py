@@ -77,8 +77,8 @@ def test_capability_matching_and_codes() -> None:
 @pytest.mark.parametrize(
     "claims",
     [
-        {"exp": str(int(time.time()) + 60)},  # PyJWT accepts it; it would never expire here
-        {"exp": [int(time.time()) + 60]},
+        {"exp": str(int(time.time()) + 3600)},  # PyJWT accepts it; it would never expire here
+        {"exp": [int(time.time()) + 3600]},
         {"iat": "yesterday"},
         {"nbf": "0"},
     ],
