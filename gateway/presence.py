@@ -16,6 +16,12 @@
   grace takes them over with no leave/enter churn: on this gateway directly, on another one
   through ``rt.presence.resumed.<app>.<connectionId>``. Past the grace, the keys are deleted
   and watchers see ``leave``.
+- Failures heal and are logged (counts, never one line per message). A supervisor restarts
+  the feed after a NATS reconnect (a restarted server has lost the feed's in-memory
+  consumer, and a dropped link loses what was pushed meanwhile) or when its consumer is
+  gone, rewrites our keys at once, then re-reads every watched channel and tells watchers
+  the difference as ordinary events. A refresh that fails is retried at the next tick, a
+  third of the TTL later, well before the key expires.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -32,8 +39,9 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
+from nats.js.errors import NotFoundError
 
 from gateway.broker import Broker
 from gateway.requests import RequestTimeout
@@ -56,6 +64,20 @@ RESUMED_SUBJECT = "rt.presence.resumed"
 _SNAPSHOT_PAGE = 1000
 # A dead gateway's feed consumer is removed by the server after this long.
 _FEED_INACTIVE_THRESHOLD_S = 60.0
+# How often the supervisor looks at the NATS connection: a reconnect restarts the feed, and
+# until then the feed may be missing changes, so look often (it is a local check).
+_SUPERVISE_TICK_S = 0.25
+# How often it asks the server whether the feed's consumer still exists. nats-py notices a
+# silent consumer only after two missed idle heartbeats (10 s or more), and silently.
+_FEED_CHECK_S = 5.0
+# Failed checks in a row (timeouts, errors other than "not found") that count as lost.
+_FEED_CHECK_FAILURES = 3
+# Waits between failed feed restarts.
+_RESTART_DELAY_MIN_S = 0.2
+_RESTART_DELAY_MAX_S = 5.0
+# Failed writes in a row that end a refresh pass: when the store is unreachable, every
+# write would wait for its timeout, one after the other.
+_REFRESH_FAILURES_IN_A_ROW = 3
 
 
 class WatchReason:
@@ -126,10 +148,16 @@ class _WatchedChannel:
     # Members this gateway admitted whose KV write the feed has not echoed yet: counted
     # against the member limit so that quick successive enters cannot overshoot it.
     admitted: set[str] = field(default_factory=set)
-    # Changes the feed delivered while the snapshot was read (None once it is loaded), and
-    # the highest stream sequence the snapshot covered: changes at or below it are in it.
+    # Changes the feed delivers while the members are being read (the first load, or a
+    # re-sync; None otherwise), and the highest stream sequence the last read covered:
+    # changes at or below it are in it.
     buffered: list[_Change] | None = field(default_factory=list)
     snapshot_sequence: int = 0
+
+
+def _loaded(entry: _WatchedChannel) -> bool:
+    """True once the channel's first read succeeded (its set is kept current since)."""
+    return entry.ready.done() and entry.ready.exception() is None
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,8 +191,15 @@ class PresenceService:
         self._owned: dict[str, _Owned] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._key_prefix = f"$KV.{self.settings.presence_bucket}."
-        self._feed: Subscription | None = None
+        self._feed: JetStreamContext.PushSubscription | None = None
+        # Identifies the current feed: deliveries of a replaced one are dropped.
+        self._feed_token = object()
+        # Set once the first feed runs: channels are read only from then on.
         self._feed_ready = asyncio.Event()
+        # Feeds started so far: a member read that overlapped a restart is done again.
+        self._generation = 0
+        # Feed checks in a row that got no answer.
+        self._check_failures = 0
         # Channels each connection watches, so a close touches only those.
         self._watching: dict[Connection, set[str]] = {}
         # Tells our own resume announcements apart from other gateways'.
@@ -173,23 +208,144 @@ class PresenceService:
     # ---- lifecycle ----
 
     async def start(self) -> None:
-        """Once NATS is ready: hear about resumes elsewhere, follow the bucket's changes,
-        refresh our keys periodically."""
+        """Once NATS is ready: hear about resumes elsewhere, follow the bucket's changes (and
+        keep following them, see ``_supervise``), refresh our keys periodically."""
         await self.broker.ready.wait()
-        nc = self.broker.client()
-        await nc.subscribe(f"{RESUMED_SUBJECT}.>", cb=self._on_resumed_elsewhere)
-        await self._start_feed()
-        interval = max(0.5, self.settings.presence_ttl_s / 3)
         while True:
-            await asyncio.sleep(interval)
-            await self._refresh_all()
+            try:
+                # A core subscription: nats-py renews it on every reconnect.
+                await self.broker.client().subscribe(
+                    f"{RESUMED_SUBJECT}.>", cb=self._on_resumed_elsewhere
+                )
+                break
+            except Exception as error:
+                log.warning("presence: resume announcements not heard yet (%s), retrying", error)
+                await asyncio.sleep(1.0)
+        supervisor = asyncio.create_task(self._supervise(), name="presence-feed")
+        try:
+            interval = max(0.5, self.settings.presence_ttl_s / 3)
+            while True:
+                await asyncio.sleep(interval)
+                await self._refresh_all()
+        finally:
+            supervisor.cancel()
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    # ---- watching ----
+    # ---- the feed and its supervision ----
+
+    async def _supervise(self) -> None:
+        """Keep one working feed, and the watched channels exact, whatever happens to NATS.
+
+        nats-py's ordered consumer repairs gaps itself (it recreates its consumer from the
+        last stream sequence it delivered), but only once two idle heartbeats went missing,
+        without telling anyone, and from the first sequence of the stream when it has
+        delivered nothing yet. So the feed is replaced, and every watched channel re-read:
+        - after every NATS reconnect: a restarted nats-server has lost the consumer (nats-py
+          makes it in memory), and over a dropped link the server pushed changes nobody got;
+        - when the server no longer knows the consumer (deleted, or cleaned up).
+        nats-py has no way to add a reconnect callback to a connected client, so the
+        supervisor watches the client's reconnect count instead.
+        """
+        loop = asyncio.get_running_loop()
+        seen: tuple[NatsClient, int] | None = None
+        retry: str | None = None  # why the last restart was needed, until one succeeds
+        next_check = 0.0
+        delay = _RESTART_DELAY_MIN_S
+        while True:
+            nc = self.broker.nc
+            if nc is not None and nc.is_connected and self.broker.ready.is_set():
+                connection = (nc, int(nc.stats["reconnects"]))
+                reason = retry
+                if reason is None:
+                    if self._feed is None:
+                        reason = "start"
+                    elif connection != seen:
+                        reason = "reconnected"
+                    elif loop.time() >= next_check:
+                        next_check = loop.time() + _FEED_CHECK_S
+                        reason = await self._check_feed()
+                if reason is not None:
+                    try:
+                        await self._restart_feed(reason)
+                    except Exception as error:
+                        # Feed, keys and re-read are all done again at the next attempt.
+                        log.warning(
+                            "presence feed not restarted (%s: %s); retrying in %.1fs",
+                            type(error).__name__,
+                            error,
+                            delay,
+                        )
+                        retry = reason
+                        await asyncio.sleep(delay)
+                        delay = min(delay * 2, _RESTART_DELAY_MAX_S)
+                        continue
+                    seen, retry = connection, None
+                    delay = _RESTART_DELAY_MIN_S
+                    next_check = loop.time() + _FEED_CHECK_S
+            await asyncio.sleep(_SUPERVISE_TICK_S)
+
+    async def _check_feed(self) -> str | None:
+        """Why the feed must be replaced, or None while its consumer exists."""
+        feed = self._feed
+        if feed is None:
+            return "not running"
+        try:
+            await feed.consumer_info()
+        except NotFoundError:
+            return "consumer gone"
+        except Exception as error:
+            # Unsure (a timeout, a server busy recovering): give it a few more checks.
+            self._check_failures += 1
+            if self._check_failures < _FEED_CHECK_FAILURES:
+                return None
+            return f"{self._check_failures} checks failed, last: {type(error).__name__} {error}"
+        self._check_failures = 0
+        return None
+
+    async def _restart_feed(self, reason: str) -> None:
+        """Replace the feed, rewrite our keys, then re-read every watched channel."""
+        watched = sum(1 for entry in self._channels.values() if _loaded(entry))
+        if reason == "start":
+            log.info("presence feed starting")
+        elif reason == "reconnected":
+            log.warning(
+                "NATS reconnected: restarting the presence feed, re-reading %d watched channels",
+                watched,
+            )
+        else:
+            log.warning(
+                "presence feed consumer lost (%s): restarting it, re-reading %d watched channels",
+                reason,
+                watched,
+            )
+        started = time.monotonic()
+        old, self._feed = self._feed, None
+        self._feed_token = object()  # from now on, whatever the old feed delivers is dropped
+        if old is not None:
+            # Stops nats-py's heartbeat and flow-control tasks too, so that it does not
+            # recreate the old consumer behind our back.
+            with contextlib.suppress(Exception):
+                await old.unsubscribe()
+        self._check_failures = 0
+        await self._start_feed()
+        if reason == "start":
+            return
+        # Keys that expired while NATS was away come back before the channels are re-read,
+        # so that watchers see no leave and enter for members that never went.
+        await self._refresh_all()
+        channels, events = await self._resync_all()
+        log.info(
+            "presence re-synced %d channels in %.2fs: %d enter, %d update, %d leave",
+            channels,
+            time.monotonic() - started,
+            events[PresenceAction.ENTER],
+            events[PresenceAction.UPDATE],
+            events[PresenceAction.LEAVE],
+        )
 
     async def _start_feed(self) -> None:
         """One ordered consumer over the whole bucket, from now on: every gateway hears every
@@ -200,17 +356,39 @@ class PresenceService:
         assert js is not None
         bucket = self.settings.presence_bucket
         self._key_prefix = f"$KV.{bucket}."
+        token = self._feed_token
+
+        async def on_change(msg: Msg) -> None:
+            if self._feed_token is token:
+                self._on_change(msg)
+
         self._feed = await js.subscribe(
             f"$KV.{bucket}.>",
             stream=f"KV_{bucket}",
-            cb=self._on_change,
+            cb=on_change,
             ordered_consumer=True,
             deliver_policy=DeliverPolicy.NEW,
             inactive_threshold=_FEED_INACTIVE_THRESHOLD_S,
         )
+        self._generation += 1
         self._feed_ready.set()
 
-    async def _on_change(self, msg: Msg) -> None:
+    async def _resync_all(self) -> tuple[int, Counter[PresenceAction]]:
+        """Re-read every loaded channel (one at a time: after a server restart every gateway
+        does this at once) and send watchers the difference; channels still loading re-read
+        by themselves. Returns how many channels, and the events sent by action."""
+        channels = 0
+        events: Counter[PresenceAction] = Counter()
+        for pattern, entry in list(self._channels.items()):
+            if not _loaded(entry) or self._channels.get(pattern) is not entry:
+                continue  # still loading (it re-reads by itself), or released meanwhile
+            events.update(event.action for event in await self._sync(pattern, entry))
+            channels += 1
+        return channels, events
+
+    # ---- watching ----
+
+    def _on_change(self, msg: Msg) -> None:
         key = msg.subject[len(self._key_prefix) :]
         split = key.rfind(".")
         entry = self._channels.get(key[:split] + ".*")
@@ -256,26 +434,76 @@ class PresenceService:
         return entry
 
     async def _load(self, pattern: str, entry: _WatchedChannel) -> None:
-        """Read the channel's current members (the last record of each key, by a batched
-        direct get), then apply the changes the feed delivered meanwhile that the read did
-        not cover. No consumer is created."""
+        """Read the channel's current members for the first time (no watcher yet, so the
+        events ``_sync`` derives go nowhere). No consumer is created."""
         try:
             if not self._feed_ready.is_set():
                 raise ProtocolError(ErrorCode.BOOTSTRAP, "presence not ready, retry later")
-            covered = 0
-            for change in await self._read_members(pattern):
-                covered = max(covered, change.sequence)
-                self._apply(entry, change)
-            entry.snapshot_sequence = covered
-            for change in entry.buffered or ():
-                self._apply(entry, change)
-            entry.buffered = None
+            await self._sync(pattern, entry)
         except Exception as error:
             if not entry.ready.done():
                 entry.ready.set_exception(error)
                 entry.ready.exception()  # mark retrieved: other waiters get it too
             return
         entry.ready.set_result(None)
+
+    async def _sync(self, pattern: str, entry: _WatchedChannel) -> list[PresenceEventFrame]:
+        """Bring ``entry`` to the channel's current members and tell its watchers: the
+        members that are gone ``leave`` (with their last data), the new ones ``enter``,
+        changed data is an ``update``, exactly as if the feed had delivered the changes.
+
+        The members are read by batched direct gets (the last record of each key); the
+        changes the feed delivers meanwhile are buffered and applied afterwards if their
+        stream sequence is above the highest one the read covered. A read that overlapped a
+        feed restart may have missed a change nobody delivers, so it is done again.
+        Returns the events sent.
+        """
+        if entry.buffered is None:
+            entry.buffered = []
+        try:
+            while True:
+                generation = self._generation
+                changes = await self._read_members(pattern)
+                if generation == self._generation:
+                    break
+        except BaseException:
+            # The entry stays as it was; what the feed delivered meanwhile is applied live.
+            self._flush(entry)
+            raise
+        current = ChannelMembers(entry.members.channel)
+        covered = 0
+        for change in changes:
+            covered = max(covered, change.sequence)
+            if change.removed:
+                current.remove(change.connection_id, 0)
+                continue
+            with contextlib.suppress(ValueError):
+                current.put(MemberRecord.decode(change.value))
+        now = _now_ms()
+        events: list[PresenceEventFrame | None] = [
+            entry.members.remove(connection_id, now)
+            for connection_id in list(entry.members.members)
+            if connection_id not in current.members
+        ]
+        for record in current.members.values():
+            entry.admitted.discard(record.connection_id)
+            events.append(entry.members.put(record))
+        entry.snapshot_sequence = covered
+        sent = [event for event in events if event is not None]
+        for event in sent:
+            self._dispatch(entry, event)
+        return sent + self._flush(entry)
+
+    def _flush(self, entry: _WatchedChannel) -> list[PresenceEventFrame]:
+        """Apply and send the changes buffered while ``entry`` was read; return the events."""
+        buffered, entry.buffered = entry.buffered or [], None
+        sent = []
+        for change in buffered:
+            event = self._apply(entry, change)
+            if event is not None:
+                self._dispatch(entry, event)
+                sent.append(event)
+        return sent
 
     async def _read_members(self, pattern: str) -> list[_Change]:
         """Every retained record of the keys matching ``pattern`` (the bucket keeps one per
@@ -455,9 +683,30 @@ class PresenceService:
         if self._owned.get(connection_id) is not owned or owned.connection is not None:
             return  # resumed meanwhile
         del self._owned[connection_id]
-        for channel in list(owned.memberships):
-            with contextlib.suppress(Exception):
+        channels = list(owned.memberships)
+        failed = 0
+        last_error: Exception | None = None
+        for channel in channels:
+            if failed and not self.broker.is_ready:
+                # NATS is away: don't wait for a timeout per channel. Nobody refreshes these
+                # keys any more, so they expire and watchers see the leave within the TTL.
+                del owned.memberships[channel]
+                self._unreference(owned.app, channel)
+                failed += 1
+                continue
+            try:
                 await self._leave(owned, connection_id, channel)
+            except Exception as error:
+                failed += 1
+                last_error = error
+        if failed:
+            log.warning(
+                "presence: %d of %d leaves not written (%s); those keys expire within %.0fs",
+                failed,
+                len(channels),
+                last_error,
+                self.settings.presence_ttl_s,
+            )
 
     def resumed(self, connection: Connection) -> None:
         """``connection`` reuses its predecessor's id: take its memberships over, here or
@@ -476,11 +725,15 @@ class PresenceService:
             self._spawn(self._announce_resume(identity.app, identity.client_id, connection_id))
 
     async def _announce_resume(self, app: str, client_id: str, connection_id: str) -> None:
-        with contextlib.suppress(Exception):
+        try:
             await self.broker.client().publish(
                 f"{RESUMED_SUBJECT}.{app}.{connection_id}",
                 orjson.dumps({"clientId": client_id, "gateway": self._instance}),
             )
+        except Exception as error:
+            # Only the hand-over is lost: the old gateway deletes the keys when its grace
+            # ends and our refresh writes them again, a leave and an enter for watchers.
+            log.warning("presence: resume not announced (%s)", error)
 
     async def _on_resumed_elsewhere(self, msg: Msg) -> None:
         # rt.presence.resumed.<app>.<connectionId>: the announcing client's app.
@@ -512,10 +765,51 @@ class PresenceService:
     # ---- KV writes ----
 
     async def _refresh_all(self) -> None:
-        for owned in list(self._owned.values()):
-            for channel, record in list(owned.memberships.items()):
-                with contextlib.suppress(Exception):
-                    await self._write(owned.app, channel, record)
+        """Rewrite every member key this gateway keeps alive. A key not rewritten now is
+        tried again at the next tick, a third of the TTL later, before it can expire; and
+        after a NATS restart the supervisor calls this at once."""
+        keys = [
+            (owned, channel, record)
+            for owned in self._owned.values()
+            for channel, record in owned.memberships.items()
+        ]
+        if not keys:
+            return
+        if not self.broker.is_ready:
+            log.warning(
+                "presence refresh skipped, NATS not connected: %d member keys wait for the "
+                "next tick",
+                len(keys),
+            )
+            return
+        failed = untried = in_a_row = 0
+        last_error: Exception | None = None
+        for index, (owned, channel, record) in enumerate(keys):
+            if (
+                self._owned.get(record.connection_id) is not owned
+                or owned.memberships.get(channel) is not record
+            ):
+                continue  # left, changed or resumed elsewhere meanwhile: don't undo that
+            try:
+                await self._write(owned.app, channel, record)
+                in_a_row = 0
+            except Exception as error:
+                failed += 1
+                in_a_row += 1
+                last_error = error
+                # Unreachable store: each write would wait for its timeout; try next tick.
+                if in_a_row >= _REFRESH_FAILURES_IN_A_ROW or not self.broker.is_ready:
+                    untried = len(keys) - index - 1
+                    break
+        if failed:
+            log.warning(
+                "presence refresh: %d of %d member keys not rewritten (%s), %d not tried; "
+                "retrying at the next tick",
+                failed,
+                len(keys),
+                last_error,
+                untried,
+            )
 
     async def _write(self, app: str, channel: str, record: MemberRecord) -> None:
         ttl = max(1, round(self.settings.presence_ttl_s))
