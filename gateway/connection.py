@@ -178,6 +178,9 @@ class Connection:
                 raise ProtocolError(ErrorCode.BOOTSTRAP, "message backend not ready, retry later")
             identity = session.authenticate(frame, assign_client_id=secrets.token_urlsafe(9))
         except ProtocolError as error:
+            # Once per template per interval (the handlers' rate limit): a credential-stuffing
+            # client cannot flood the log.
+            log.info("auth refused (%d): %s", int(error.code), error.message)
             for command in session.reject(error):
                 await self._execute(command)
             return
@@ -186,6 +189,14 @@ class Connection:
             predecessor.close(CLOSE_NORMAL, "resumed by a new connection")
         services.registry.add(connection_id, self)
         self.send(session.accept(connection_id))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "connection %s opened (%s, app %s, client %s)",
+                connection_id,
+                self.transport,
+                identity.app,
+                identity.client_id,
+            )
         if connection_id == frame.resume_connection_id:
             services.presence.resumed(self)
         if identity.expires_at is not None:
@@ -451,6 +462,14 @@ class Connection:
             return
         self._finished = True
         self.close(self.close_code, self.close_reason)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "connection %s closed (%d %s%s)",
+                self.session.connection_id or "(not authenticated)",
+                self.close_code,
+                self.close_reason or "-",
+                ", by the client" if graceful else "",
+            )
         METRICS.connections.labels(self.transport).dec()
         if self._expiry is not None:
             self._expiry.cancel()

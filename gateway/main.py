@@ -12,6 +12,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from gateway.app import create_app
 from gateway.guard import ConnectionGuard
 from gateway.services import GatewayServices
+from shared.logs import RateLimitFilter
 from shared.session import CLOSE_GOING_AWAY
 from shared.settings import Settings
 
@@ -40,7 +41,11 @@ class _OneLineBadRequests(logging.Filter):
 
 async def run_gateway(settings: Settings, stop: asyncio.Event) -> None:
     """Serve until ``stop`` is set, then close every connection with 1001 and exit."""
-    logging.getLogger("aiohttp.server").addFilter(_OneLineBadRequests())
+    # Malformed requests come from peers at will, and aiohttp logs them at debug level:
+    # one short line, rate-limited even there.
+    server_log = logging.getLogger("aiohttp.server")
+    server_log.addFilter(_OneLineBadRequests())
+    server_log.addFilter(RateLimitFilter(min_level=logging.DEBUG))
     services = GatewayServices.create(settings)
     services.broker.start()
     presence = asyncio.create_task(services.presence.start(), name="presence")

@@ -25,16 +25,22 @@ _DEFAULT_INTERVAL_S = 10.0
 
 class RateLimitFilter(logging.Filter):
     """Passes a message template at most once per ``interval_s`` (per logger); counts the
-    rest and says how many were suppressed when it next passes one."""
+    rest and says how many were suppressed when it next passes one. Records below
+    ``min_level`` (debug output, asked for on purpose) pass untouched."""
 
-    def __init__(self, interval_s: float = _DEFAULT_INTERVAL_S) -> None:
+    def __init__(
+        self, interval_s: float = _DEFAULT_INTERVAL_S, min_level: int = logging.INFO
+    ) -> None:
         super().__init__()
         self.interval_s = interval_s
+        self.min_level = min_level
         self._last: dict[tuple[str, str], float] = {}
         self._suppressed: dict[tuple[str, str], int] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Decide whether ``record`` is written (a logging.Filter hook)."""
+        if record.levelno < self.min_level:
+            return True  # debug output is asked for, one line per event, on purpose
         key = (record.name, str(record.msg))
         now = time.monotonic()
         last = self._last.get(key)

@@ -330,9 +330,10 @@ async def test_a_resume_that_fails_leaves_no_subscription() -> None:
         nats_server.stop()
 
 
-async def test_malformed_http_requests_log_one_short_line() -> None:
+async def test_malformed_requests_and_auth_failures_log_short_rate_limited_lines() -> None:
     """Malformed request lines used to log a ten-line traceback each (at debug level): now
-    one line, rate-limited, and the client gets 400."""
+    one line, rate-limited, and the client gets 400. Auth failures are logged (issue 10
+    item 8), rate-limited too; connection opens and closes at debug level."""
     nats_server = start_nats()
     gateway = start_service("gateway", nats_server.url, env={"RT_LOG_LEVEL": "DEBUG"})
     try:
@@ -341,11 +342,20 @@ async def test_malformed_http_requests_log_one_short_line() -> None:
             with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as sock:
                 sock.sendall(b"GARBAGE\x01 / HTTP/1.1\r\n\r\n")
                 assert sock.recv(64).startswith(b"HTTP/1.0 400")
+        for _ in range(10):
+            refused = await JsonClient.connect(gateway.url)
+            assert (await refused.auth(key="app1.main:wrong"))["code"] == 40101
+        good = await json_client(gateway.url)
+        await good.close()
         await asyncio.sleep(0.5)
         log = gateway.log()
         assert "Traceback" not in log
         lines = [line for line in log.splitlines() if "malformed HTTP request" in line]
         assert 1 <= len(lines) <= 2, lines
+        # Auth failures at INFO, rate-limited; opens and closes at DEBUG.
+        refusals = [line for line in log.splitlines() if "auth refused (40101)" in line]
+        assert 1 <= len(refusals) <= 2, refusals
+        assert " opened (websocket, app app1" in log and "closed (1000" in log
     finally:
         gateway.stop()
         nats_server.stop()

@@ -88,3 +88,14 @@ def test_an_unknown_log_format_is_refused() -> None:
         with pytest.raises(ValueError, match="'xml'"):
             configure_logging("INFO", "xml")
         assert logging.getLogger().handlers == []
+
+
+def test_debug_records_pass_untouched_unless_asked() -> None:
+    limit = RateLimitFilter(interval_s=3600)
+    debug = [
+        logging.LogRecord("gateway.x", logging.DEBUG, __file__, 1, "opened %s", (n,), None)
+        for n in range(3)
+    ]
+    assert all(limit.filter(record) for record in debug)
+    strict = RateLimitFilter(interval_s=3600, min_level=logging.DEBUG)
+    assert [strict.filter(record) for record in debug] == [True, False, False]
