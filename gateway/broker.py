@@ -29,23 +29,14 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
 
-import nats
 import orjson
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import (
-    DiscardPolicy,
-    KeyValueConfig,
-    RePublish,
-    StorageType,
-    StreamConfig,
-    StreamSource,
-    SubjectTransform,
-)
-from nats.js.errors import BadRequestError, NotFoundError
 
-from gateway.requests import ReplyMux, RequestTimeout
+from nats_adapter.bootstrap import bootstrap
+from nats_adapter.connect import connect
+from nats_adapter.requests import ReplyMux, RequestTimeout
 from shared import subjects
 from shared.binary_codec import encode_member
 from shared.errors import ErrorCode, ProtocolError
@@ -58,7 +49,6 @@ __all__ = ["SERIAL_HEADER", "Broker", "dedup_id"]
 log = logging.getLogger(__name__)
 
 _WRONG_LAST_SEQUENCE = 10071
-_STREAM_NAME_IN_USE = 10058
 _BATCH_HAS_DUPLICATE = 10201
 _MAX_PUBLISH_ATTEMPTS = 100
 _CACHED_CHANNELS = 100_000
@@ -146,13 +136,9 @@ class Broker:
         async def on_reconnected() -> None:
             log.info("NATS reconnected")
 
-        self.nc = await nats.connect(
-            servers=self.settings.nats_urls,
-            name="realtime-gateway",
-            connect_timeout=2,
-            allow_reconnect=True,
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
+        self.nc = await connect(
+            self.settings,
+            "realtime-gateway",
             error_cb=on_error,
             disconnected_cb=on_disconnected,
             reconnected_cb=on_reconnected,
@@ -408,96 +394,3 @@ def _take_group(waiting: deque[_Pending]) -> list[_Pending]:
             break
         group.append(waiting.popleft())
     return group
-
-
-async def bootstrap(js: JetStreamContext, settings: Settings) -> None:
-    """Create or update the message stream and the presence bucket.
-
-    Idempotent, and safe when several gateways start at once: a create that loses the race
-    (or finds an older config) falls back to an update.
-    """
-    source, live = subjects.stream_subjects()
-    stream = StreamConfig(
-        name=settings.stream_name,
-        subjects=[source],
-        republish=RePublish(src=source, dest=live),
-        allow_direct=True,
-        allow_atomic=True,
-        storage=StorageType.FILE,
-        num_replicas=settings.stream_replicas,
-        discard=DiscardPolicy.OLD,
-        # JetStream refuses a dedup window longer than the retention (and it could not
-        # remember ids of messages it no longer has anyway).
-        duplicate_window=min(settings.duplicate_window_s, settings.retention_max_age_s)
-        if settings.retention_max_age_s > 0
-        else settings.duplicate_window_s,
-        max_age=settings.retention_max_age_s,
-        max_msgs_per_subject=settings.retention_max_messages_per_channel,
-        max_bytes=settings.retention_max_bytes,
-        max_msg_size=-1,
-    )
-    await _create_or_update(js, stream)
-    # One message per channel, never aged: the last serial outlives retention (see the
-    # module docstring). Filled by the server, so publishing costs the gateway nothing more.
-    tails = StreamConfig(
-        name=subjects.tails_stream(settings.stream_name),
-        subjects=[],
-        sources=[
-            StreamSource(
-                name=settings.stream_name,
-                subject_transforms=[SubjectTransform(src=source, dest=f"{subjects.TAIL_PREFIX}>")],
-            )
-        ],
-        allow_direct=True,
-        storage=StorageType.FILE,
-        num_replicas=settings.stream_replicas,
-        discard=DiscardPolicy.OLD,
-        max_msgs_per_subject=1,
-        max_msg_size=-1,
-    )
-    await _create_or_update(js, tails)
-    # Per-key TTLs need allow_msg_ttl (nats-py sets it for buckets); limit markers make
-    # expiries visible to watchers, which is how a dead gateway's members leave.
-    presence = KeyValueConfig(
-        bucket=settings.presence_bucket,
-        history=1,
-        direct=True,
-        replicas=settings.stream_replicas,
-        storage=StorageType.FILE,
-        limit_marker_ttl=max(1.0, settings.presence_ttl_s),
-    )
-    for _ in range(5):
-        try:
-            await js.create_key_value(presence)
-            return
-        except BadRequestError as error:
-            if error.err_code != _STREAM_NAME_IN_USE:
-                raise
-        # It exists with another config (an older release, or a racing gateway that won):
-        # bring the settings that matter up to date.
-        try:
-            info = await js.stream_info(f"KV_{settings.presence_bucket}")
-        except NotFoundError:
-            continue
-        config = info.config
-        config.allow_msg_ttl = True
-        config.subject_delete_marker_ttl = presence.limit_marker_ttl
-        config.allow_direct = True
-        await js.update_stream(config)
-        return
-
-
-async def _create_or_update(js: JetStreamContext, config: StreamConfig) -> None:
-    for _ in range(5):
-        try:
-            await js.add_stream(config)
-            return
-        except BadRequestError as error:
-            if error.err_code != _STREAM_NAME_IN_USE:
-                raise
-        try:
-            await js.update_stream(config)
-            return
-        except NotFoundError:
-            continue  # deleted in between: create again
-    raise RuntimeError(f"could not create or update stream {config.name}")

@@ -34,7 +34,7 @@ import uuid
 from collections import Counter
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import orjson
 from nats.aio.client import Client as NatsClient
@@ -44,19 +44,36 @@ from nats.js.api import DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from gateway.broker import Broker
-from gateway.requests import RequestTimeout
+from nats_adapter.direct import direct_batch
+from nats_adapter.requests import RequestTimeout
 from shared import binary_codec, json_codec
 from shared.errors import ErrorCode, ProtocolError
-from shared.frames import PresenceAction, PresenceEventFrame
+from shared.frames import PresenceAction, PresenceEventFrame, ServerFrame
 from shared.presence import ChannelMembers, MemberRecord, channel_pattern, member_key
-from shared.session import CLOSE_NORMAL
+from shared.session import CLOSE_NORMAL, Session
 
-if TYPE_CHECKING:
-    from gateway.connection import Connection
-
-__all__ = ["PresenceService", "WatchReason"]
+__all__ = ["PresenceClient", "PresenceService", "WatchReason"]
 
 log = logging.getLogger(__name__)
+
+
+class PresenceClient(Protocol):
+    """What presence needs of a client connection (the gateway's ``Connection``, or a test
+    double in the in-process tests): who it is, and a way to send it frames and close it."""
+
+    @property
+    def session(self) -> Session:
+        """The connection's protocol state (identity, connection id)."""
+
+    def send(self, frame: ServerFrame) -> None:
+        """Queue ``frame`` for the client."""
+
+    def send_encoded(self, binary: bytes, text: bytes) -> None:
+        """Queue a frame already encoded for both codecs."""
+
+    def close(self, code: int, reason: str) -> None:
+        """Close the connection after what is queued."""
+
 
 RESUMED_SUBJECT = "rt.presence.resumed"
 
@@ -102,48 +119,11 @@ def _is_removal(headers: dict[str, str] | None) -> bool:
     return headers.get("Nats-Marker-Reason") is not None
 
 
-async def _direct_batch(
-    nc: NatsClient, api: str, request: dict[str, object], wait_s: float
-) -> tuple[list[Msg], int, int]:
-    """One batched direct get: the messages, how many more match (``Nats-Num-Pending`` of
-    the end-of-batch status) and the last sequence returned."""
-    found: list[Msg] = []
-    inbox = nc.new_inbox()
-    done: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
-
-    async def on_reply(msg: Msg) -> None:
-        headers = msg.headers or {}
-        status = headers.get("Status")
-        if status is None:
-            found.append(msg)
-        elif not done.done():
-            if status in ("204", "404"):  # end of batch, or nothing matches
-                done.set_result(
-                    (
-                        int(headers.get("Nats-Num-Pending", 0) or 0),
-                        int(headers.get("Nats-Last-Sequence", 0) or 0),
-                    )
-                )
-            else:
-                done.set_exception(
-                    ProtocolError(ErrorCode.SERVER, f"presence read failed: status {status}")
-                )
-
-    subscription = await nc.subscribe(inbox, cb=on_reply)
-    try:
-        await nc.publish(api, orjson.dumps(request), reply=inbox)
-        pending, last = await asyncio.wait_for(done, wait_s)
-    finally:
-        with contextlib.suppress(Exception):
-            await subscription.unsubscribe()
-    return found, pending, last
-
-
 @dataclass
 class _WatchedChannel:
     members: ChannelMembers
     ready: asyncio.Future[None]
-    watchers: dict[Connection, set[str]] = field(default_factory=dict)
+    watchers: dict[PresenceClient, set[str]] = field(default_factory=dict)
     references: int = 0
     # Members this gateway admitted whose KV write the feed has not echoed yet: counted
     # against the member limit so that quick successive enters cannot overshoot it.
@@ -176,7 +156,7 @@ class _Owned:
 
     app: str
     client_id: str
-    connection: Connection | None
+    connection: PresenceClient | None
     memberships: dict[str, MemberRecord] = field(default_factory=dict)  # by channel
     leave_timer: asyncio.TimerHandle | None = None
 
@@ -201,7 +181,7 @@ class PresenceService:
         # Feed checks in a row that got no answer.
         self._check_failures = 0
         # Channels each connection watches, so a close touches only those.
-        self._watching: dict[Connection, set[str]] = {}
+        self._watching: dict[PresenceClient, set[str]] = {}
         # Tells our own resume announcements apart from other gateways'.
         self._instance = uuid.uuid4().hex
 
@@ -509,18 +489,18 @@ class PresenceService:
         """Every retained record of the keys matching ``pattern`` (the bucket keeps one per
         key), oldest first, paged through batched direct gets."""
         nc = self.broker.client()
-        api = f"$JS.API.DIRECT.GET.KV_{self.settings.presence_bucket}"
+        stream = f"KV_{self.settings.presence_bucket}"
         subject = f"{self._key_prefix}{pattern}"
         changes: list[_Change] = []
         sequence = 1
         while True:
-            page, pending, last = await _direct_batch(
+            page = await direct_batch(
                 nc,
-                api,
+                stream,
                 {"seq": sequence, "next_by_subj": subject, "batch": _SNAPSHOT_PAGE},
                 self.settings.request_timeout_s,
             )
-            for msg in page:
+            for msg in page.messages:
                 headers = msg.headers or {}
                 key = headers.get("Nats-Subject", "")
                 changes.append(
@@ -531,9 +511,9 @@ class PresenceService:
                         msg.data,
                     )
                 )
-            if not pending or not page:
+            if not page.pending or not page.messages:
                 return changes
-            sequence = last + 1
+            sequence = page.last_sequence + 1
 
     def _dispatch(self, entry: _WatchedChannel, event: PresenceEventFrame) -> None:
         if not entry.watchers:
@@ -550,7 +530,9 @@ class PresenceService:
             return
         del self._channels[pattern]
 
-    async def subscribe(self, connection: Connection, app: str, channel: str, reason: str) -> None:
+    async def subscribe(
+        self, connection: PresenceClient, app: str, channel: str, reason: str
+    ) -> None:
         """Start presence events for ``connection``; an explicit ``presSub`` first gets the
         snapshot (one ``enter`` per member), atomically with the start of live events."""
         entry = await self._watched(app, channel)
@@ -562,7 +544,7 @@ class PresenceService:
         reasons.add(reason)
 
     def unsubscribe(
-        self, connection: Connection, app: str, channel: str, reasons: tuple[str, ...]
+        self, connection: PresenceClient, app: str, channel: str, reasons: tuple[str, ...]
     ) -> None:
         """Stop events for ``reasons`` (membership is untouched)."""
         entry = self._channels.get(channel_pattern(app, channel))
@@ -583,7 +565,7 @@ class PresenceService:
 
     async def apply(
         self,
-        connection: Connection,
+        connection: PresenceClient,
         action: PresenceAction,
         channel: str,
         data: bytes | None,
@@ -628,12 +610,12 @@ class PresenceService:
                 owned.memberships[channel] = current
             raise
 
-    def _adopt(self, connection: Connection, app: str, client_id: str) -> _Owned:
+    def _adopt(self, connection: PresenceClient, app: str, client_id: str) -> _Owned:
         owned = _Owned(app, client_id, connection)
         self._owned[connection.session.connection_id] = owned
         return owned
 
-    async def leave_channel(self, connection: Connection, channel: str) -> None:
+    async def leave_channel(self, connection: PresenceClient, channel: str) -> None:
         """Leave ``channel`` if a member (``unsub`` does this, PROTOCOL.md section 9 item 5)."""
         owned = self._owned.get(connection.session.connection_id)
         if owned is not None and owned.connection is connection and channel in owned.memberships:
@@ -654,7 +636,7 @@ class PresenceService:
 
     # ---- connection life ----
 
-    def connection_closed(self, connection: Connection, graceful: bool) -> None:
+    def connection_closed(self, connection: PresenceClient, graceful: bool) -> None:
         """Stop its watchers; leave its channels now (clean close) or after the grace."""
         app = self._app_of(connection)
         for channel in self._watching.pop(connection, ()):
@@ -675,7 +657,7 @@ class PresenceService:
             )
 
     @staticmethod
-    def _app_of(connection: Connection) -> str | None:
+    def _app_of(connection: PresenceClient) -> str | None:
         identity = connection.session.identity
         return identity.app if identity is not None else None
 
@@ -708,7 +690,7 @@ class PresenceService:
                 self.settings.presence_ttl_s,
             )
 
-    def resumed(self, connection: Connection) -> None:
+    def resumed(self, connection: PresenceClient) -> None:
         """``connection`` reuses its predecessor's id: take its memberships over, here or
         from whichever gateway holds them, without leave or enter."""
         identity = connection.session.identity

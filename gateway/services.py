@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from gateway.broker import Broker
 from gateway.fanout import ChannelRouter
@@ -11,25 +11,34 @@ from gateway.history_client import HistoryClient
 from gateway.presence import PresenceService
 from shared.auth import Identity, Keyring
 from shared.connection_ids import belongs_to_app, new_connection_id
-from shared.session import Limits
+from shared.session import Limits, Session
 from shared.settings import Settings
 
-if TYPE_CHECKING:
-    from gateway.connection import Connection
+__all__ = ["ConnectionRegistry", "GatewayServices", "RegisteredConnection"]
 
-__all__ = ["ConnectionRegistry", "GatewayServices"]
+
+class RegisteredConnection(Protocol):
+    """What the registry needs of a connection: who it is, and closing it when a resume
+    takes its id over."""
+
+    @property
+    def session(self) -> Session:
+        """The connection's protocol state (identity, connection id)."""
+
+    def close(self, code: int, reason: str) -> None:
+        """Close the connection after what is queued."""
 
 
 class ConnectionRegistry:
     """The live connections of this gateway, by connection id."""
 
     def __init__(self) -> None:
-        self.connections: dict[str, Connection] = {}
+        self.connections: dict[str, RegisteredConnection] = {}
 
     def __len__(self) -> int:
         return len(self.connections)
 
-    def claim(self, resume_id: str, identity: Identity) -> tuple[str, Connection | None]:
+    def claim(self, resume_id: str, identity: Identity) -> tuple[str, RegisteredConnection | None]:
         """Choose the id of a new connection: the resumed one when allowed, else a fresh one.
 
         Returns the id and the connection it takes over (a half-open predecessor with the
@@ -46,11 +55,11 @@ class ConnectionRegistry:
                 return resume_id, holder
         return new_connection_id(identity.app), None
 
-    def add(self, connection_id: str, connection: Connection) -> None:
+    def add(self, connection_id: str, connection: RegisteredConnection) -> None:
         """Register ``connection`` under ``connection_id``."""
         self.connections[connection_id] = connection
 
-    def remove(self, connection_id: str, connection: Connection) -> None:
+    def remove(self, connection_id: str, connection: RegisteredConnection) -> None:
         """Forget ``connection`` if it still holds ``connection_id``."""
         if self.connections.get(connection_id) is connection:
             del self.connections[connection_id]

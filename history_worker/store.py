@@ -14,7 +14,8 @@ import orjson
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from gateway.requests import ReplyMux, RequestTimeout
+from nats_adapter.direct import direct_batch
+from nats_adapter.requests import ReplyMux, RequestTimeout
 from shared.binary_codec import decode_member, member_with_serial
 from shared.errors import ErrorCode, ProtocolError
 from shared.history import encoded_member_size
@@ -208,10 +209,6 @@ class StreamReader:
         is left: a batch can come back short because it hit ``max_bytes`` (or the server's
         own byte cap when 0), so a short batch alone does not mean the end of the channel.
         """
-        found: list[tuple[_Stored, bytes]] = []
-        pending = 0
-        inbox = self._nc.new_inbox()
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         request: dict[str, object] = {
             "seq": start_sequence,
             "next_by_subj": subject,
@@ -219,23 +216,7 @@ class StreamReader:
         }
         if max_bytes:
             request["max_bytes"] = max_bytes
-
-        async def on_reply(msg: Msg) -> None:
-            nonlocal pending
-            if msg.headers and msg.headers.get("Status"):
-                # 204 EOB carries what is left; a 404 (nothing from start_sequence) does not.
-                pending = int(msg.headers.get("Nats-Num-Pending", 0) or 0)
-                if not done.done():
-                    done.set_result(None)
-                return
-            found.append((self._stored(msg), msg.data))
-
-        subscription = await self._nc.subscribe(inbox, cb=on_reply)
-        try:
-            await self._nc.publish(
-                f"$JS.API.DIRECT.GET.{self._stream}", orjson.dumps(request), reply=inbox
-            )
-            await asyncio.wait_for(done, self._timeout)
-        finally:
-            await subscription.unsubscribe()
+        batch = await direct_batch(self._nc, self._stream, request, self._timeout)
+        found = [(self._stored(msg), msg.data) for msg in batch.messages]
+        pending = batch.pending
         return found, pending

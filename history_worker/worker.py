@@ -8,13 +8,13 @@ import contextlib
 import gc
 import logging
 
-import nats
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from gateway.requests import ReplyMux
 from history_worker.index import SequenceIndex
 from history_worker.store import ChannelBounds, StreamReader
+from nats_adapter.connect import connect_with_back_off
+from nats_adapter.requests import ReplyMux
 from shared import history, subjects
 from shared.errors import ErrorCode, ProtocolError
 from shared.history import HistoryOp, HistoryQuery, HistoryResult
@@ -168,23 +168,6 @@ class HistoryService:
         return members
 
 
-async def _connect(settings: Settings) -> NatsClient:
-    delay = 0.2
-    while True:
-        try:
-            return await nats.connect(
-                servers=settings.nats_urls,
-                name="realtime-history-worker",
-                connect_timeout=2,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5,
-            )
-        except Exception as error:
-            log.warning("NATS not reachable (%s); retrying in %.1fs", error, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
-
-
 async def _fail(nc: NatsClient, reply: str, error: ProtocolError) -> None:
     header = f"{int(error.code)} {error.message}".replace("\r", " ").replace("\n", " ")
     await nc.publish(reply, b"", headers={history.ERROR_HEADER: header})
@@ -214,7 +197,7 @@ async def send_result(
 
 async def run_history_worker(settings: Settings, stop: asyncio.Event) -> None:
     """Serve history queries until ``stop`` is set."""
-    nc = await _connect(settings)
+    nc = await connect_with_back_off(settings, "realtime-history-worker")
     requests = ReplyMux(nc)
     await requests.start()
     index = SequenceIndex()

@@ -11,11 +11,11 @@ import nats
 import pytest
 import websockets
 
-from gateway.requests import ReplyMux
 from history_worker import store
 from history_worker.index import SequenceIndex
 from history_worker.store import StreamReader
 from history_worker.worker import HistoryService
+from nats_adapter.requests import ReplyMux
 from shared import history, subjects
 from shared.history import HistoryOp, HistoryQuery, HistoryResult
 from shared.settings import Settings
