@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from gateway.broker import Broker
+from gateway.engines import HistorySource, LiveChannels, MessageBus, PresenceEngine
 from gateway.fanout import ChannelRouter
 from gateway.history_client import HistoryClient
 from gateway.presence import PresenceService
@@ -71,10 +72,10 @@ class GatewayServices:
 
     settings: Settings
     keyring: Keyring
-    broker: Broker
-    router: ChannelRouter
-    history: HistoryClient
-    presence: PresenceService
+    broker: MessageBus
+    router: LiveChannels
+    history: HistorySource
+    presence: PresenceEngine
     registry: ConnectionRegistry = field(default_factory=ConnectionRegistry)
 
     @classmethod
