@@ -1,8 +1,11 @@
-"""One client connection, independent of its transport.
+"""One client connection, independent of its transport: the executor of the session's
+commands.
 
-The transport (WebSocket now, long-polling later) feeds whole client messages to
-``Connection.receive`` and writes what ``Connection.outbox`` yields; this class runs the
-session's commands against NATS: publishing, fan-out subscriptions, history and resume.
+The transport (WebSocket now, long-polling next) feeds whole client messages to
+``Connection.receive`` and writes what ``Connection.outbox`` yields. ``shared.session``
+decides (validation, limits, capabilities, history limits, which codec answers); this class
+carries the typed commands out against the engines (``gateway.engines``: message bus, live
+channels, history, presence), with resume gating from ``shared.resume``.
 """
 
 from __future__ import annotations
@@ -22,40 +25,27 @@ from gateway.metrics import METRICS
 from gateway.outbox import Outbox
 from gateway.presence import WatchReason
 from gateway.services import GatewayServices
-from shared.binary_codec import (
-    encode_response_members,
-    frame_record,
-    message_record_from_member,
-)
 from shared.errors import ErrorCode, ProtocolError
-from shared.frames import (
-    AckFrame,
-    AuthFrame,
-    ErrorFrame,
-    FetchFrame,
-    FetchResponseFrame,
-    HistoryFrame,
-    HistoryResponseFrame,
-    MessageFrame,
-    PresenceFrame,
-    PresenceSubscribeFrame,
-    PresenceUnsubscribeFrame,
-    ServerFrame,
-    SubscribeFrame,
-    UnsubscribeFrame,
-)
+from shared.frames import AckFrame, AuthFrame, ErrorFrame, ServerFrame
 from shared.history import HistoryOp, HistoryQuery, HistoryResult
+from shared.resume import ReplayGate, replay_start
 from shared.session import (
     CLOSE_NORMAL,
+    MAX_FETCH,
     Authenticate,
     Close,
     Codec,
     Command,
     Publish,
+    ReadHistory,
     Reply,
-    Request,
     Session,
     SessionState,
+    Subscribe,
+    Unsubscribe,
+    UnwatchPresence,
+    UpdatePresence,
+    WatchPresence,
 )
 
 __all__ = ["Connection"]
@@ -63,21 +53,8 @@ __all__ = ["Connection"]
 log = logging.getLogger(__name__)
 
 _MAX_IN_FLIGHT = 256
-_MAX_REPLAY_BUFFER = 10_000
-_DEFAULT_HISTORY_LIMIT = 100
-_MAX_HISTORY_LIMIT = 1000
-_MAX_FETCH = 1000
 # How often a replay waiting for a slow reader checks that the connection is still open.
 _REPLAY_DRAIN_CHECK_S = 0.5
-
-
-class _ReplayGate:
-    """Holds a channel's live deliveries while its resume replay is read."""
-
-    __slots__ = ("buffer",)
-
-    def __init__(self) -> None:
-        self.buffer: list[Delivery] = []
 
 
 class Connection:
@@ -92,7 +69,7 @@ class Connection:
         self.close_reason = ""
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_flight = asyncio.Semaphore(_MAX_IN_FLIGHT)
-        self._replay_gates: dict[str, _ReplayGate] = {}
+        self._replay_gates: dict[str, ReplayGate[Delivery]] = {}
         self._expiry: asyncio.TimerHandle | None = None
         self._finished = False
         METRICS.connections.labels(transport).inc()
@@ -124,14 +101,17 @@ class Connection:
             # and keeps per-channel order: tasks reach the broker's channel queue in order.
             await self._in_flight.acquire()
             self._spawn(self._publish(command))
-        elif isinstance(command, Request):
-            await self._request(command)
+        elif isinstance(command, ReadHistory):
+            await self._in_flight.acquire()
+            self._spawn(self._read_history(command))
         elif isinstance(command, Authenticate):
             await self._authenticate(command.frame)
             for deferred in self.session.after_handshake():
                 await self._execute(deferred)
         elif isinstance(command, Close):
             self.close(command.code, command.reason)
+        else:
+            await self._carry_out(command)
 
     # ---- output ----
 
@@ -152,10 +132,7 @@ class Connection:
         if gates:
             gate = gates.get(delivery.message.channel)
             if gate is not None:
-                if len(gate.buffer) < _MAX_REPLAY_BUFFER:
-                    gate.buffer.append(delivery)
-                else:  # dropped like any overflow: the client sees the gap and fetches
-                    METRICS.dropped.inc()
+                gate.hold(delivery.message.serial, delivery)
                 return
         data = delivery.json if self.session.codec is Codec.JSON else delivery.binary
         if not self.outbox.offer(data):
@@ -227,126 +204,115 @@ class Connection:
         finally:
             self._in_flight.release()
 
-    async def _request(self, command: Request) -> None:
-        frame = command.frame
+    async def _carry_out(
+        self,
+        command: Subscribe | Unsubscribe | UpdatePresence | WatchPresence | UnwatchPresence,
+    ) -> None:
+        """Run one request against the engines; answer its ack or err."""
+        presence = self.services.presence
+        app = self._app()
         try:
-            if isinstance(frame, SubscribeFrame):
-                await self._subscribe(frame)
-            elif isinstance(frame, UnsubscribeFrame):
-                await self._unsubscribe(frame)
-            elif isinstance(frame, HistoryFrame | FetchFrame):
-                await self._in_flight.acquire()
-                self._spawn(self._history(frame))
-            elif isinstance(frame, PresenceFrame):
-                await self.services.presence.apply(
-                    self, frame.action, frame.channel, frame.data, frame.encoding
+            if isinstance(command, Subscribe):
+                await self._subscribe(command)
+                return  # the subscription acks itself (after a replay)
+            if isinstance(command, Unsubscribe):
+                await self.services.router.remove(app, command.channel, self)
+                reasons = (WatchReason.EXPLICIT, WatchReason.IMPLICIT)
+                presence.unsubscribe(self, app, command.channel, reasons)
+                await presence.leave_channel(self, command.channel)
+            elif isinstance(command, UpdatePresence):
+                await presence.apply(
+                    self, command.action, command.channel, command.data, command.encoding
                 )
-                self.send(AckFrame(frame.id))
-            elif isinstance(frame, PresenceSubscribeFrame):
-                await self.services.presence.subscribe(
-                    self, self._app(), frame.channel, WatchReason.EXPLICIT
-                )
-                self.send(AckFrame(frame.id))
-            elif isinstance(frame, PresenceUnsubscribeFrame):
-                self.services.presence.unsubscribe(
-                    self, self._app(), frame.channel, (WatchReason.EXPLICIT,)
-                )
-                self.send(AckFrame(frame.id))
+            elif isinstance(command, WatchPresence):
+                await presence.subscribe(self, app, command.channel, WatchReason.EXPLICIT)
+            else:
+                presence.unsubscribe(self, app, command.channel, (WatchReason.EXPLICIT,))
+            self.send(AckFrame(command.request_id))
         except ProtocolError as error:
             await self._undo(command)
-            self.send(ErrorFrame(int(error.code), error.message, frame.id))
+            self.send(ErrorFrame(int(error.code), error.message, command.request_id))
         except (TimeoutError, NatsError) as error:
             await self._undo(command)
-            log.warning("%s failed: %s", type(frame).__name__, error)
-            self.send(ErrorFrame(int(ErrorCode.SERVER), "backend error, retry", frame.id))
+            log.warning("%s failed: %s", type(command).__name__, error)
+            self.send(ErrorFrame(int(ErrorCode.SERVER), "backend error, retry", command.request_id))
 
-    async def _undo(self, command: Request) -> None:
+    async def _undo(
+        self,
+        command: Subscribe | Unsubscribe | UpdatePresence | WatchPresence | UnwatchPresence,
+    ) -> None:
         """A new ``sub`` or ``presSub`` that failed leaves nothing behind: no slot in the
         session, no live subscription, no presence watch (the client will retry it)."""
-        if not command.fresh:
-            return
-        frame = command.frame
         app = self._app()
-        if isinstance(frame, SubscribeFrame):
-            self.session.forget_channel(frame.channel)
-            self._replay_gates.pop(frame.channel, None)
+        if isinstance(command, Subscribe) and command.fresh:
+            self.session.forget_channel(command.channel)
+            self._replay_gates.pop(command.channel, None)
             with contextlib.suppress(Exception):
-                await self.services.router.remove(app, frame.channel, self)
+                await self.services.router.remove(app, command.channel, self)
             if self.session.codec is Codec.JSON:
                 self.services.presence.unsubscribe(
-                    self, app, frame.channel, (WatchReason.IMPLICIT,)
+                    self, app, command.channel, (WatchReason.IMPLICIT,)
                 )
-        elif isinstance(frame, PresenceSubscribeFrame):
-            self.session.forget_presence_channel(frame.channel)
-            self.services.presence.unsubscribe(self, app, frame.channel, (WatchReason.EXPLICIT,))
+        elif isinstance(command, WatchPresence) and command.fresh:
+            self.session.forget_presence_channel(command.channel)
+            self.services.presence.unsubscribe(self, app, command.channel, (WatchReason.EXPLICIT,))
 
-    async def _subscribe(self, frame: SubscribeFrame) -> None:
-        identity = self.session.identity
-        assert identity is not None
-        channel = frame.channel
+    async def _subscribe(self, command: Subscribe) -> None:
+        app = self._app()
+        channel = command.channel
         if self.session.codec is Codec.JSON:
             try:
-                await self.services.presence.subscribe(
-                    self, identity.app, channel, WatchReason.IMPLICIT
-                )
+                await self.services.presence.subscribe(self, app, channel, WatchReason.IMPLICIT)
             except (ProtocolError, TimeoutError, NatsError) as error:
                 # Messages matter more than the presence events JSON clients get with them:
                 # the subscription goes ahead without them.
                 log.warning("presence events for a JSON sub unavailable: %s", error)
-        if not (frame.last_serial or frame.last_message_id):
-            await self.services.router.add(identity.app, channel, self)
-            self.send(AckFrame(frame.id))
+        if not command.resumes:
+            await self.services.router.add(app, channel, self)
+            self.send(AckFrame(command.request_id))
             return
-        # Resume: hold live deliveries while the replay is read, so the client sees the
-        # replay, then live messages after it, in serial order with no gap.
-        gate = self._replay_gates[channel] = _ReplayGate()
+        # Resume (shared.resume): hold live deliveries while the replay is read, so the
+        # client sees the replay, then live messages after it, in serial order, no gap.
+        gate = self._replay_gates[channel] = ReplayGate[Delivery]()
         try:
-            await self.services.router.add(identity.app, channel, self)
-            resumed, last_sent = await self._replay(identity.app, frame)
+            await self.services.router.add(app, channel, self)
+            resumed, last_sent = await self._replay(app, command)
         except BaseException:
             self._replay_gates.pop(channel, None)
             raise
         del self._replay_gates[channel]
-        for delivery in gate.buffer:
-            serial = delivery.message.serial
-            if serial == 0 or serial > last_sent:
-                self.deliver(delivery)
-        self.send(AckFrame(frame.id, resumed=resumed))
+        if gate.dropped:
+            METRICS.dropped.inc(gate.dropped)  # the client sees the gap and fetches
+        for delivery in gate.release(last_sent):
+            self.deliver(delivery)
+        self.send(AckFrame(command.request_id, resumed=resumed))
 
-    async def _replay(self, app: str, frame: SubscribeFrame) -> tuple[bool, int]:
+    async def _replay(self, app: str, command: Subscribe) -> tuple[bool, int]:
         """Send every retained message after the resume cursor, in pages, waiting for the
         client to read each before the next (memory stays bounded however many it missed).
         Returns ``resumed`` and the last serial sent.
 
         The replay goes on until the channel's newest serial at the last page, so nothing
         after the cursor is left for a later live message to reveal (on a quiet channel,
-        never). A cursor more than ``resume_max_records`` behind is answered
-        ``resumed:false`` with no replay (PROTOCOL.md 3.5): the client starts afresh rather
-        than being sent an unbounded backlog."""
-        channel = frame.channel
+        never). Where it starts, and whether it happens at all, is ``replay_start``'s call."""
+        channel = command.channel
         history = self.services.history
         result = await history.query(
             HistoryQuery(
                 HistoryOp.RESUME,
                 app,
                 channel,
-                limit=_MAX_FETCH,
-                from_serial=frame.last_serial,
-                message_id="" if frame.last_serial else frame.last_message_id,
+                limit=MAX_FETCH,
+                from_serial=command.last_serial,
+                message_id="" if command.last_serial else command.last_message_id,
             )
         )
-        if not result.flag:
-            # Not resumed (aged out, or a cursor we never issued): nothing is replayed and
-            # every held live message goes out.
-            return False, 0
-        if frame.last_serial:
-            cursor = frame.last_serial
-        elif result.members:  # a legacy message-id cursor: the replay starts right after it
-            cursor = result.messages[0].serial - 1
-        else:
-            cursor = result.newest
-        if result.newest - cursor > self._resume_max_records():
-            return False, 0
+        first = result.messages[0].serial if result.members and not command.last_serial else 0
+        cursor = replay_start(
+            command.last_serial, first, result.newest, result.flag, self._resume_max_records()
+        )
+        if cursor is None:
+            return False, 0  # every held live message goes out
         last_sent = self._send_replay(result, cursor)
         while result.members and last_sent < result.newest:
             while self.outbox.backed_up and not self.is_closing:
@@ -354,7 +320,7 @@ class Connection:
             if self.is_closing:
                 break
             result = await history.query(
-                HistoryQuery(HistoryOp.FETCH, app, channel, _MAX_FETCH, from_serial=last_sent)
+                HistoryQuery(HistoryOp.FETCH, app, channel, MAX_FETCH, from_serial=last_sent)
             )
             if not result.flag:
                 break  # aged out while replaying: the client sees the gap and fetches
@@ -362,83 +328,28 @@ class Connection:
         return True, last_sent
 
     def _send_replay(self, result: HistoryResult, last_sent: int) -> int:
-        """Queue one page of a replay; return the last serial it carried."""
-        if self.session.codec is Codec.BINARY:
-            for member in result.members:
-                self.outbox.put(frame_record(message_record_from_member(member)))
-            return last_sent + len(result.members)  # pages are contiguous from the cursor
-        for message in result.messages:
-            self.send(MessageFrame(message))
-            last_sent = message.serial
-        return last_sent
+        """Queue one page of a replay; return the last serial it carried (pages are
+        contiguous from the cursor)."""
+        for record in self.session.encode_replay(result):
+            self.outbox.put(record)
+        return last_sent + len(result.members)
 
     def _resume_max_records(self) -> int:
         settings = self.services.settings
         return settings.resume_max_records or settings.retention_max_messages_per_channel
 
-    async def _unsubscribe(self, frame: UnsubscribeFrame) -> None:
-        identity = self.session.identity
-        assert identity is not None
-        await self.services.router.remove(identity.app, frame.channel, self)
-        # unsub also ends the presence watcher and the membership (PROTOCOL.md 3.3, 9.5).
-        presence = self.services.presence
-        presence.unsubscribe(
-            self, identity.app, frame.channel, (WatchReason.EXPLICIT, WatchReason.IMPLICIT)
-        )
-        await presence.leave_channel(self, frame.channel)
-        self.send(AckFrame(frame.id))
-
-    async def _history(self, frame: HistoryFrame | FetchFrame) -> None:
-        identity = self.session.identity
-        assert identity is not None
+    async def _read_history(self, command: ReadHistory) -> None:
         try:
-            if isinstance(frame, HistoryFrame):
-                limit = min(frame.limit or _DEFAULT_HISTORY_LIMIT, _MAX_HISTORY_LIMIT)
-                query = HistoryQuery(
-                    HistoryOp.HISTORY,
-                    identity.app,
-                    frame.channel,
-                    limit,
-                    frame.before,
-                    message_id="" if frame.before else frame.start,
-                )
-                result = await self.services.history.query(query)
-                if self.session.codec is Codec.BINARY:
-                    self._send_members(True, frame, result)
-                else:
-                    self.send(
-                        HistoryResponseFrame(frame.id, frame.channel, result.messages, result.flag)
-                    )
-            else:
-                query = HistoryQuery(
-                    HistoryOp.FETCH,
-                    identity.app,
-                    frame.channel,
-                    _MAX_FETCH,
-                    from_serial=frame.from_serial,
-                )
-                result = await self.services.history.query(query)
-                if self.session.codec is Codec.BINARY:
-                    self._send_members(False, frame, result)
-                else:
-                    self.send(
-                        FetchResponseFrame(frame.id, frame.channel, result.messages, result.flag)
-                    )
+            result = await self.services.history.query(command.query)
+            self.outbox.put(self.session.encode_history_response(command, result))
         except ProtocolError as error:
-            self.send(ErrorFrame(int(error.code), error.message, frame.id))
+            self.send(ErrorFrame(int(error.code), error.message, command.request_id))
         except (TimeoutError, NatsError):
-            self.send(ErrorFrame(int(ErrorCode.SERVER), "history unavailable, retry", frame.id))
+            self.send(
+                ErrorFrame(int(ErrorCode.SERVER), "history unavailable, retry", command.request_id)
+            )
         finally:
             self._in_flight.release()
-
-    def _send_members(
-        self, history: bool, frame: HistoryFrame | FetchFrame, result: HistoryResult
-    ) -> None:
-        """A binary response spliced from the worker's encoded members, never decoded here."""
-        record = encode_response_members(
-            history, result.flag, frame.id, frame.channel, result.members
-        )
-        self.outbox.put(frame_record(record))
 
     # ---- teardown ----
 

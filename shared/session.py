@@ -34,10 +34,14 @@ from shared.frames import (
     ConnectedFrame,
     ErrorFrame,
     FetchFrame,
+    FetchResponseFrame,
     HistoryFrame,
+    HistoryResponseFrame,
     Message,
+    MessageFrame,
     PingFrame,
     PongFrame,
+    PresenceAction,
     PresenceFrame,
     PresenceSubscribeFrame,
     PresenceUnsubscribeFrame,
@@ -47,22 +51,31 @@ from shared.frames import (
     SubscribeFrame,
     UnsubscribeFrame,
 )
+from shared.history import HistoryOp, HistoryQuery, HistoryResult
 
 __all__ = [
     "CLOSE_GOING_AWAY",
     "CLOSE_NORMAL",
     "CLOSE_POLICY_VIOLATION",
     "CLOSE_TRY_AGAIN_LATER",
+    "DEFAULT_HISTORY_LIMIT",
+    "MAX_FETCH",
+    "MAX_HISTORY_LIMIT",
     "Authenticate",
     "Close",
     "Codec",
     "Command",
     "Limits",
     "Publish",
+    "ReadHistory",
     "Reply",
-    "Request",
     "Session",
     "SessionState",
+    "Subscribe",
+    "Unsubscribe",
+    "UnwatchPresence",
+    "UpdatePresence",
+    "WatchPresence",
     "new_message_id",
 ]
 
@@ -126,13 +139,68 @@ class Publish:
 
 
 @dataclass(frozen=True, slots=True)
-class Request:
-    """A validated, authorised request to carry out; the frame says which. ``fresh`` is true
-    for a ``sub`` or ``presSub`` of a channel the connection did not have: if carrying it out
-    fails, the adapter undoes it (``Session.forget_channel``)."""
+class Subscribe:
+    """Start delivering ``channel``; with a cursor (``last_serial``, or a legacy
+    ``last_message_id``) first replay what the client missed. ``fresh`` is true when the
+    connection did not have the channel: if carrying it out fails, the adapter undoes it
+    (``Session.forget_channel``)."""
 
-    frame: RequestFrame
+    request_id: int
+    channel: str
+    last_serial: int = 0
+    last_message_id: str = ""
     fresh: bool = False
+
+    @property
+    def resumes(self) -> bool:
+        """True when the client asks for a replay from a cursor."""
+        return bool(self.last_serial or self.last_message_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    """Stop delivering ``channel``, its presence events and the membership (PROTOCOL.md 3.3,
+    section 9 item 5)."""
+
+    request_id: int
+    channel: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReadHistory:
+    """Answer ``hist`` (``query.op`` HISTORY) or ``fetch`` (FETCH) with ``query``, whose
+    limits the session already applied."""
+
+    request_id: int
+    query: HistoryQuery
+
+
+@dataclass(frozen=True, slots=True)
+class UpdatePresence:
+    """Enter, update or leave ``channel``'s presence."""
+
+    request_id: int
+    channel: str
+    action: PresenceAction
+    data: bytes | None
+    encoding: str
+
+
+@dataclass(frozen=True, slots=True)
+class WatchPresence:
+    """Start ``channel``'s presence events, snapshot first (``fresh`` as for Subscribe)."""
+
+    request_id: int
+    channel: str
+    fresh: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class UnwatchPresence:
+    """Stop ``channel``'s presence events (membership is untouched)."""
+
+    request_id: int
+    channel: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +211,23 @@ class Close:
     reason: str
 
 
-Command = Reply | Authenticate | Publish | Request | Close
+Command = (
+    Reply
+    | Authenticate
+    | Publish
+    | Subscribe
+    | Unsubscribe
+    | ReadHistory
+    | UpdatePresence
+    | WatchPresence
+    | UnwatchPresence
+    | Close
+)
+
+# History requests: the protocol's defaults and caps (PROTOCOL.md 3.6, 3.7).
+DEFAULT_HISTORY_LIMIT = 100
+MAX_HISTORY_LIMIT = 1000
+MAX_FETCH = 1000
 
 # WebSocket close codes (RFC 6455) the service uses.
 CLOSE_NORMAL = 1000
@@ -327,21 +411,21 @@ class Session:
         request_id = frame.id
         channel = validate_channel(frame.channel, request_id)
         capability = identity.capability
-        fresh = False
         if isinstance(frame, PublishFrame):
             capability.check(Operation.PUBLISH, channel, request_id)
             return Publish(request_id, self._message(frame))
         if isinstance(frame, SubscribeFrame):
             capability.check(Operation.SUBSCRIBE, channel, request_id)
-            if channel not in self.subscriptions:
+            fresh = channel not in self.subscriptions
+            if fresh:
                 self._check_channel_limit(channel, request_id)
                 self.subscriptions.add(channel)
-                fresh = True
-        elif isinstance(frame, UnsubscribeFrame):
-            # unsub ends the presence watch too (PROTOCOL.md section 9 item 5).
+            return Subscribe(request_id, channel, frame.last_serial, frame.last_message_id, fresh)
+        if isinstance(frame, UnsubscribeFrame):
             self.subscriptions.discard(channel)
             self.presence_subscriptions.discard(channel)
-        elif isinstance(frame, PresenceFrame):
+            return Unsubscribe(request_id, channel)
+        if isinstance(frame, PresenceFrame):
             capability.check(Operation.PRESENCE, channel, request_id)
             size = len(frame.data or b"") + len(frame.encoding)
             if size > self.limits.max_presence_data_bytes:
@@ -350,20 +434,36 @@ class Session:
                     f"presence data of {size} bytes exceeds {self.limits.max_presence_data_bytes}",
                     request_id,
                 )
-        elif isinstance(frame, PresenceSubscribeFrame):
+            return UpdatePresence(request_id, channel, frame.action, frame.data, frame.encoding)
+        if isinstance(frame, PresenceSubscribeFrame):
             capability.allows_any((Operation.PRESENCE, Operation.SUBSCRIBE), channel, request_id)
-            if channel not in self.presence_subscriptions:
+            fresh = channel not in self.presence_subscriptions
+            if fresh:
                 self._check_channel_limit(channel, request_id)
                 self.presence_subscriptions.add(channel)
-                fresh = True
-        elif isinstance(frame, HistoryFrame):
-            capability.check(Operation.HISTORY, channel, request_id)
-        elif isinstance(frame, FetchFrame):
-            capability.allows_any((Operation.SUBSCRIBE, Operation.HISTORY), channel, request_id)
-        else:
-            assert isinstance(frame, PresenceUnsubscribeFrame)
+            return WatchPresence(request_id, channel, fresh)
+        if isinstance(frame, PresenceUnsubscribeFrame):
             self.presence_subscriptions.discard(channel)
-        return Request(frame, fresh)
+            return UnwatchPresence(request_id, channel)
+        app = identity.app
+        if isinstance(frame, HistoryFrame):
+            capability.check(Operation.HISTORY, channel, request_id)
+            limit = min(frame.limit or DEFAULT_HISTORY_LIMIT, MAX_HISTORY_LIMIT)
+            query = HistoryQuery(
+                HistoryOp.HISTORY,
+                app,
+                channel,
+                limit,
+                frame.before,
+                message_id="" if frame.before else frame.start,
+            )
+            return ReadHistory(request_id, query)
+        assert isinstance(frame, FetchFrame)
+        capability.allows_any((Operation.SUBSCRIBE, Operation.HISTORY), channel, request_id)
+        query = HistoryQuery(
+            HistoryOp.FETCH, app, channel, MAX_FETCH, from_serial=frame.from_serial
+        )
+        return ReadHistory(request_id, query)
 
     def _check_channel_limit(self, channel: str, request_id: int) -> None:
         """Refuse (42900) a new channel once sub and presSub channels reach ``max_channels``."""
@@ -439,6 +539,29 @@ class Session:
         if self.codec is Codec.JSON:
             return json_codec.encode_server_text(frame)
         return binary_codec.frame_record(binary_codec.encode_server_frame(frame))
+
+    def encode_history_response(self, command: ReadHistory, result: HistoryResult) -> bytes:
+        """The ``histRes``/``fetchRes`` for ``command``: spliced from the worker's encoded
+        members for a binary client (never decoded here), a JSON text otherwise."""
+        query = command.query
+        is_history = query.op is HistoryOp.HISTORY
+        if self.codec is Codec.BINARY:
+            record = binary_codec.encode_response_members(
+                is_history, result.flag, command.request_id, query.channel, result.members
+            )
+            return binary_codec.frame_record(record)
+        kind = HistoryResponseFrame if is_history else FetchResponseFrame
+        frame = kind(command.request_id, query.channel, result.messages, result.flag)
+        return json_codec.encode_server_text(frame)
+
+    def encode_replay(self, result: HistoryResult) -> list[bytes]:
+        """One page of a resume replay as this connection's records or texts."""
+        if self.codec is Codec.BINARY:
+            return [
+                binary_codec.frame_record(binary_codec.message_record_from_member(member))
+                for member in result.members
+            ]
+        return [json_codec.encode_server_text(MessageFrame(message)) for message in result.messages]
 
     # ---- helpers ----
 

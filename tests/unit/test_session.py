@@ -11,22 +11,33 @@ from shared.auth import Keyring, parse_api_key
 from shared.frames import (
     AuthFrame,
     ErrorFrame,
+    HistoryResponseFrame,
+    Message,
     PingFrame,
     PongFrame,
     PublishFrame,
     SubscribeFrame,
 )
+from shared.history import HistoryOp, HistoryQuery, HistoryResult
 from shared.session import (
     Authenticate,
     Close,
     Codec,
     Limits,
     Publish,
+    ReadHistory,
     Reply,
-    Request,
     Session,
     SessionState,
+    Subscribe,
+    Unsubscribe,
+    UnwatchPresence,
+    UpdatePresence,
+    WatchPresence,
 )
+
+# Every command a request frame becomes.
+Request = (Subscribe, Unsubscribe, ReadHistory, UpdatePresence, WatchPresence, UnwatchPresence)
 
 KEYRING = Keyring([parse_api_key("app.k:secret")])
 
@@ -219,3 +230,43 @@ def test_records_decoded_per_message_never_exceed_the_limit(count: int, limit: i
     else:
         assert len(commands) == 1 and isinstance(commands[0], Reply)
         assert isinstance(commands[0].frame, ErrorFrame)
+
+
+def test_history_requests_carry_the_protocol_limits() -> None:
+    session = connected_session()
+    [default] = session.receive_message(b'{"t":"hist","id":1,"channel":"c"}', True)
+    assert isinstance(default, ReadHistory) and default.query.limit == 100
+    [capped] = session.receive_message(b'{"t":"hist","id":2,"channel":"c","limit":5000}', True)
+    assert isinstance(capped, ReadHistory) and capped.query.limit == 1000
+    [fetch] = session.receive_message(b'{"t":"fetch","id":3,"channel":"c","fromSerial":7}', True)
+    assert isinstance(fetch, ReadHistory) and fetch.query.op is HistoryOp.FETCH
+    assert (fetch.query.from_serial, fetch.query.limit, fetch.query.app) == (7, 1000, "app")
+
+
+def test_subscribe_commands_say_whether_they_resume_and_are_new() -> None:
+    session = connected_session()
+    [first] = session.receive_message(b'{"t":"sub","id":1,"channel":"c","lastSerial":4}', True)
+    assert isinstance(first, Subscribe) and first.resumes and first.fresh
+    [again] = session.receive_message(b'{"t":"sub","id":2,"channel":"c"}', True)
+    assert isinstance(again, Subscribe) and not again.resumes and not again.fresh
+
+
+def test_the_session_picks_the_codec_of_history_answers() -> None:
+    member = binary_codec.member_with_serial(
+        binary_codec.encode_member(Message("c", "n", b"1", "m1", "x", 5)), 3
+    )
+    result = HistoryResult((member,), True, 3)
+    for codec in (Codec.JSON, Codec.BINARY):
+        session = connected_session(codec)
+        command = ReadHistory(9, HistoryQuery(HistoryOp.HISTORY, "app", "c"))
+        data = session.encode_history_response(command, result)
+        if codec is Codec.JSON:
+            answer = orjson.loads(data)
+            assert (answer["t"], answer["id"], answer["messages"][0]["seq"]) == ("histRes", 9, 3)
+            assert orjson.loads(session.encode_replay(result)[0])["seq"] == 3
+        else:
+            [record] = binary_codec.iter_records(data)
+            frame = binary_codec.decode_server_record(record)
+            assert isinstance(frame, HistoryResponseFrame) and frame.messages[0].serial == 3
+            [replayed] = binary_codec.iter_records(session.encode_replay(result)[0])
+            assert binary_codec.decode_server_record(replayed).message.serial == 3  # type: ignore[union-attr]
