@@ -165,6 +165,26 @@ class Broker:
         """True while connected with the streams in place."""
         return self.ready.is_set() and self.nc is not None and self.nc.is_connected
 
+    def connection_epoch(self) -> tuple[NatsClient, int] | None:
+        """The current client and its reconnect count while connected and ready, else None:
+        a change means the server may have lost consumers (presence restarts its feed)."""
+        nc = self.nc
+        if nc is None or not nc.is_connected or not self.ready.is_set():
+            return None
+        return nc, int(nc.stats["reconnects"])
+
+    def jetstream(self) -> JetStreamContext:
+        """The JetStream context, or ``ProtocolError`` 50001 when not ready."""
+        if self.js is None or not self.is_ready:
+            raise ProtocolError(ErrorCode.BOOTSTRAP, "message backend not ready, retry later")
+        return self.js
+
+    def request_mux(self) -> ReplyMux:
+        """The lean request multiplexer, or ``ProtocolError`` 50001 when not ready."""
+        if self.requests is None:
+            raise ProtocolError(ErrorCode.BOOTSTRAP, "message backend not ready, retry later")
+        return self.requests
+
     def client(self) -> NatsClient:
         """The connected NATS client, or ``ProtocolError`` 50001 when not ready."""
         if self.nc is None or not self.is_ready:

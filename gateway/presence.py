@@ -236,9 +236,9 @@ class PresenceService:
         next_check = 0.0
         delay = _RESTART_DELAY_MIN_S
         while True:
-            nc = self.broker.nc
-            if nc is not None and nc.is_connected and self.broker.ready.is_set():
-                connection = (nc, int(nc.stats["reconnects"]))
+            epoch = self.broker.connection_epoch()
+            if epoch is not None:
+                connection = epoch
                 reason = retry
                 if reason is None:
                     if self._feed is None:
@@ -332,8 +332,7 @@ class PresenceService:
         presence change once and keeps only those of channels it watches. Its cost does not
         grow with the number of channels watched (one NATS consumer per gateway, never one
         per channel, which let one client exhaust the server's consumer limit)."""
-        js = self.broker.js
-        assert js is not None
+        js = self.broker.jetstream()
         bucket = self.settings.presence_bucket
         self._key_prefix = f"$KV.{bucket}."
         token = self._feed_token
@@ -808,9 +807,7 @@ class PresenceService:
         await self._kv_request(member_key(app, channel, connection_id), b"", headers)
 
     async def _kv_request(self, key: str, value: bytes, headers: dict[str, str]) -> None:
-        requests = self.broker.requests
-        if requests is None:
-            raise ProtocolError(ErrorCode.BOOTSTRAP, "presence store not ready, retry later")
+        requests = self.broker.request_mux()
         subject = f"$KV.{self.settings.presence_bucket}.{key}"
         try:
             reply = await requests.request(subject, value, self.settings.request_timeout_s, headers)
