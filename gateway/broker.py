@@ -354,7 +354,8 @@ class Broker:
             # Nothing retained: a new channel, or one whose messages all aged out. The tails
             # stream remembers the last serial of the latter; stream sequence 0 still tells
             # JetStream to expect an empty subject.
-            tail = _ChannelTail(0, await self._retained_serial(subject))
+            serial = await self._retained_serial(subject) if self.settings.channels_can_empty else 0
+            tail = _ChannelTail(0, serial)
         else:
             tail = _ChannelTail(
                 int(headers["Nats-Sequence"]),

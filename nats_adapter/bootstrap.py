@@ -71,7 +71,8 @@ async def bootstrap(js: JetStreamContext, settings: Settings) -> None:
         max_msgs_per_subject=1,
         max_msg_size=-1,
     )
-    await _create_or_update(js, tails)
+    if settings.channels_can_empty:
+        await _create_or_update(js, tails)
     # Per-key TTLs need allow_msg_ttl (nats-py sets it for buckets); limit markers make
     # expiries visible to watchers, which is how a dead gateway's members leave.
     presence = KeyValueConfig(

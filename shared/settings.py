@@ -243,6 +243,14 @@ class Settings:
         """The NATS server URLs of ``nats_url``, as a list (what ``nats.connect`` takes)."""
         return split_list(self.nats_url)
 
+    @property
+    def channels_can_empty(self) -> bool:
+        """True when retention can remove every message of a channel (an age limit or a
+        byte cap): only then is a channel's last serial kept apart (the tails stream), so
+        serials continue instead of restarting at 1. A count limit alone always keeps the
+        newest messages, and the tails stream's cost is saved."""
+        return self.retention_max_age_s > 0 or self.retention_max_bytes > 0
+
     def keys(self) -> list[ApiKey]:
         """Parse ``api_keys``; raise ``ValueError`` naming a malformed key."""
         return [parse_api_key(text) for text in split_list(self.api_keys)]

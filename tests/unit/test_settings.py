@@ -137,3 +137,9 @@ def test_flags_override_the_environment_which_overrides_defaults() -> None:
     assert flagged.port == 7000  # the flag wins
     assert flagged.host == "0.0.0.0"  # an unset flag (None) falls through to the environment
     assert Settings.load({"RT_PORT": ""}).port == 8080  # an empty variable is unset
+
+
+def test_channels_can_empty_only_with_an_age_limit_or_a_byte_cap() -> None:
+    assert Settings().channels_can_empty  # one day by default
+    assert not Settings(retention_max_age_s=0).channels_can_empty
+    assert Settings(retention_max_age_s=0, retention_max_bytes=1 << 30).channels_can_empty
