@@ -79,12 +79,7 @@ class HistoryService:
             if not found:
                 return HistoryResult((), False, newest)
             cursor = found
-        if query.op is HistoryOp.HISTORY:
-            span = history.history_range(oldest, newest, cursor, limit)
-        elif query.op is HistoryOp.FETCH:
-            span = history.fetch_range(oldest, newest, cursor, limit)
-        else:
-            span = history.resume_range(oldest, newest, cursor, limit)
+        span = history.query_range(query.op, oldest, newest, cursor, limit)
         if not span.count or bounds is None:
             return HistoryResult((), span.flag, newest)
         if query.op is HistoryOp.HISTORY:

@@ -35,6 +35,7 @@ __all__ = [
     "encoded_member_size",
     "fetch_range",
     "history_range",
+    "query_range",
     "resume_range",
     "strip_member_suffix",
 ]
@@ -179,6 +180,16 @@ def cut_page(sizes: Sequence[int], op: HistoryOp, budget: int, flag: bool) -> Pa
         used += sizes[stop]
         stop += 1
     return PageCut(0, stop, flag)
+
+
+def query_range(op: HistoryOp, oldest: int, newest: int, cursor: int, limit: int) -> SerialRange:
+    """The serials ``op`` answers with, ``cursor`` being ``before`` for a ``hist`` and the
+    client's last serial for a ``fetch`` or a resume."""
+    if op is HistoryOp.HISTORY:
+        return history_range(oldest, newest, cursor, limit)
+    if op is HistoryOp.FETCH:
+        return fetch_range(oldest, newest, cursor, limit)
+    return resume_range(oldest, newest, cursor, limit)
 
 
 def strip_member_suffix(message_id: str) -> str:

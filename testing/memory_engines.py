@@ -115,12 +115,7 @@ class MemoryBus:
                 return HistoryResult((), False, newest)
             cursor = found[0]
         limit = query.limit or 1000
-        if query.op is HistoryOp.HISTORY:
-            span = history.history_range(oldest, newest, cursor, limit)
-        elif query.op is HistoryOp.FETCH:
-            span = history.fetch_range(oldest, newest, cursor, limit)
-        else:
-            span = history.resume_range(oldest, newest, cursor, limit)
+        span = history.query_range(query.op, oldest, newest, cursor, limit)
         if not span.count:
             return HistoryResult((), span.flag, newest)
         page = stored[span.first - oldest : span.last - oldest + 1]
