@@ -65,21 +65,29 @@ class Connection:
         self.transport = transport
         self.session = Session(services.keyring, services.limits)
         self.outbox = Outbox(services.settings.outbox_max_bytes, coalesce=True)
-        self.close_code = CLOSE_NORMAL
-        self.close_reason = ""
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_flight = asyncio.Semaphore(_MAX_IN_FLIGHT)
         self._replay_gates: dict[str, ReplayGate[Delivery]] = {}
         self._expiry: asyncio.TimerHandle | None = None
-        self._finished = False
         METRICS.connections.labels(transport).inc()
 
     # ---- input ----
 
     @property
     def is_closing(self) -> bool:
-        """True once the connection was asked to close."""
-        return self.outbox.closed
+        """True once the connection was asked to close (``session.state``, the connection's
+        one state, is ``CLOSING`` or ``ENDED``)."""
+        return self.session.state >= SessionState.CLOSING
+
+    @property
+    def close_code(self) -> int:
+        """The WebSocket close code the transport ends with (the first close decided it)."""
+        return self.session.close_code
+
+    @property
+    def close_reason(self) -> str:
+        """The close reason that goes with ``close_code``."""
+        return self.session.close_reason
 
     @property
     def is_connected(self) -> bool:
@@ -109,7 +117,7 @@ class Connection:
             for deferred in self.session.after_handshake():
                 await self._execute(deferred)
         elif isinstance(command, Close):
-            self.close(command.code, command.reason)
+            self.outbox.close()  # the session already moved to CLOSING with this code
         else:
             await self._carry_out(command)
 
@@ -140,9 +148,7 @@ class Connection:
 
     def close(self, code: int, reason: str) -> None:
         """Close after what is queued has been written."""
-        if not self.outbox.closed:
-            self.close_code, self.close_reason = code, reason
-            self.session.close()
+        if self.session.close(code, reason):
             self.outbox.close()
 
     # ---- handshake ----
@@ -151,9 +157,9 @@ class Connection:
         services = self.services
         session = self.session
         try:
-            if not services.broker.is_ready:
-                raise ProtocolError(ErrorCode.BOOTSTRAP, "message backend not ready, retry later")
-            identity = session.authenticate(frame, assign_client_id=secrets.token_urlsafe(9))
+            identity = session.authenticate(
+                frame, secrets.token_urlsafe(9), backend_ready=services.broker.is_ready
+            )
         except ProtocolError as error:
             # Once per template per interval (the handlers' rate limit): a credential-stuffing
             # client cannot flood the log.
@@ -369,10 +375,9 @@ class Connection:
         ``graceful`` (the client closed cleanly) ends its presence at once; otherwise its
         memberships wait out the grace period for a resume.
         """
-        if self._finished:
+        if not self.session.end():
             return
-        self._finished = True
-        self.close(self.close_code, self.close_reason)
+        self.outbox.close()
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "connection %s closed (%d %s%s)",

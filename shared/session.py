@@ -81,11 +81,19 @@ __all__ = [
 
 
 class SessionState(enum.IntEnum):
-    """Where a connection is in its life."""
+    """Where a connection is in its life: the one state of a connection, whatever its
+    transport (the adapters and the outbox read it, they keep no "closed" flags of their own).
+
+    The order matters: every state at or after ``CLOSING`` takes no more input.
+    """
 
     AWAITING_AUTH = 0
     CONNECTED = 1
-    CLOSED = 2
+    # Asked to close (by either side, a failed handshake, a limit): what is queued is still
+    # written, then the transport closes with ``close_code``.
+    CLOSING = 2
+    # The transport is gone and everything the connection held is released.
+    ENDED = 3
 
 
 class Codec(enum.Enum):
@@ -205,7 +213,8 @@ class UnwatchPresence:
 
 @dataclass(frozen=True, slots=True)
 class Close:
-    """Close the connection (after sending what is queued)."""
+    """Close the transport after what is queued (the session is already ``CLOSING`` with
+    this code and reason)."""
 
     code: int
     reason: str
@@ -255,6 +264,8 @@ class Session:
         self.limits = limits
         self.clock_ms = clock_ms
         self.state = SessionState.AWAITING_AUTH
+        self.close_code = CLOSE_NORMAL
+        self.close_reason = ""
         self.codec: Codec | None = None
         self.identity: Identity | None = None
         self.connection_id = ""
@@ -267,14 +278,14 @@ class Session:
 
     @property
     def is_closed(self) -> bool:
-        """True once the session ended (a failed handshake, or ``close``)."""
-        return self.state is SessionState.CLOSED
+        """True once the session is closing or ended: later input is ignored."""
+        return self.state >= SessionState.CLOSING
 
     # ---- input ----
 
     def receive_message(self, data: bytes, is_text: bool) -> list[Command]:
         """Handle one client message; return what to do, in order."""
-        if self.state is SessionState.CLOSED:
+        if self.state >= SessionState.CLOSING:
             return []
         if self.codec is None:
             self.codec = Codec.JSON if is_text else Codec.BINARY
@@ -509,8 +520,13 @@ class Session:
 
     # ---- handshake ----
 
-    def authenticate(self, frame: AuthFrame, assign_client_id: str) -> Identity:
-        """Check ``frame``'s credential; raise ``ProtocolError`` 40101/40102 on failure."""
+    def authenticate(
+        self, frame: AuthFrame, assign_client_id: str, backend_ready: bool = True
+    ) -> Identity:
+        """Check ``frame``'s credential; raise ``ProtocolError`` on failure: 50001 while the
+        message backend is not ready (the client retries), 40101/40102 for a credential."""
+        if not backend_ready:
+            raise ProtocolError(ErrorCode.BOOTSTRAP, "message backend not ready, retry later")
         identity = self.keyring.identify(frame.token, frame.key, frame.client_id, assign_client_id)
         self.identity = identity
         return identity
@@ -527,9 +543,23 @@ class Session:
         self.identity = None
         return self._close_with(error)
 
-    def close(self) -> None:
-        """Mark the session closed; later input is ignored."""
-        self.state = SessionState.CLOSED
+    def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> bool:
+        """Start closing with ``code``; later input is ignored. Return False if the session
+        was already closing or ended (the first close decides the code)."""
+        if self.state >= SessionState.CLOSING:
+            return False
+        self.state = SessionState.CLOSING
+        self.close_code, self.close_reason = code, reason
+        return True
+
+    def end(self) -> bool:
+        """The transport is gone: mark the session ended. Return False if it already was
+        (teardown runs once, whichever way the connection ended)."""
+        if self.state is SessionState.ENDED:
+            return False
+        self.close(self.close_code, self.close_reason)
+        self.state = SessionState.ENDED
+        return True
 
     # ---- output ----
 
@@ -569,10 +599,11 @@ class Session:
         return Reply(ErrorFrame(int(error.code), error.message, error.request_id))
 
     def _close_with(self, error: ProtocolError) -> list[Command]:
-        self.state = SessionState.CLOSED
+        reason = f"error {int(error.code)}"
+        self.close(CLOSE_POLICY_VIOLATION, reason)
         return [
             Reply(ErrorFrame(int(error.code), error.message, 0)),
-            Close(CLOSE_POLICY_VIOLATION, f"error {int(error.code)}"),
+            Close(CLOSE_POLICY_VIOLATION, reason),
         ]
 
 

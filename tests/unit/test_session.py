@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from shared import binary_codec
 from shared.auth import Keyring, parse_api_key
+from shared.errors import ProtocolError
 from shared.frames import (
     AuthFrame,
     ErrorFrame,
@@ -74,7 +75,7 @@ def test_first_frame_must_be_auth() -> None:
     commands = session.receive_message(b'{"t":"ping"}', is_text=True)
     assert isinstance(commands[0], Reply) and isinstance(commands[0].frame, ErrorFrame)
     assert commands[0].frame.code == 40001 and isinstance(commands[1], Close)
-    assert session.state is SessionState.CLOSED
+    assert session.state is SessionState.CLOSING
     assert session.receive_message(b'{"t":"ping"}', is_text=True) == []
 
 
@@ -207,7 +208,7 @@ def test_before_auth_only_one_small_message_is_read() -> None:
     assert [type(c) for c in commands] == [Reply, Close]
     assert isinstance(commands[0], Reply) and isinstance(commands[0].frame, ErrorFrame)
     assert commands[0].frame.code == 40001 and "1024 bytes" in commands[0].frame.message
-    assert session.state is SessionState.CLOSED
+    assert session.state is SessionState.CLOSING
 
 
 def test_a_message_with_too_many_records_is_answered_once() -> None:
@@ -270,3 +271,42 @@ def test_the_session_picks_the_codec_of_history_answers() -> None:
             assert isinstance(frame, HistoryResponseFrame) and frame.messages[0].serial == 3
             [replayed] = binary_codec.iter_records(session.encode_replay(result)[0])
             assert binary_codec.decode_server_record(replayed).message.serial == 3  # type: ignore[union-attr]
+
+
+def test_one_state_first_close_decides_the_code_and_end_runs_once() -> None:
+    session = connected_session()
+    assert session.close(1013, "slow consumer") is True
+    assert session.state is SessionState.CLOSING and session.is_closed
+    # A later close (the client going away, shutdown) does not overwrite the first reason.
+    assert session.close(1001, "server shutting down") is False
+    assert (session.close_code, session.close_reason) == (1013, "slow consumer")
+    assert session.receive_message(b'{"t":"ping"}', is_text=True) == []
+    assert session.end() is True and session.state is SessionState.ENDED
+    assert session.end() is False  # teardown runs once
+    assert session.close(1000, "") is False
+
+
+def test_handshake_failure_records_policy_close_in_the_session() -> None:
+    session = Session(KEYRING, Limits())
+    commands = session.receive_message(b'{"t":"auth","key":"app.k:wrong"}', is_text=True)
+    assert isinstance(commands[0], Authenticate)
+    rejected: list[object] = []
+    try:
+        session.authenticate(commands[0].frame, "assigned")
+    except ProtocolError as error:
+        rejected = list(session.reject(error))
+    assert isinstance(rejected[-1], Close) and rejected[-1].code == 1008
+    assert (session.state, session.close_code) == (SessionState.CLOSING, 1008)
+
+
+def test_handshake_while_the_backend_is_not_ready_is_refused_with_50001() -> None:
+    session = Session(KEYRING, Limits())
+    commands = session.receive_message(b'{"t":"auth","key":"app.k:secret"}', is_text=True)
+    assert isinstance(commands[0], Authenticate)
+    error: ProtocolError | None = None
+    try:
+        session.authenticate(commands[0].frame, "assigned", backend_ready=False)
+    except ProtocolError as raised:
+        error = raised
+    assert error is not None and int(error.code) == 50001
+    assert session.identity is None and session.state is SessionState.AWAITING_AUTH
