@@ -68,6 +68,9 @@ def _subscriber_main(
 
     async def run() -> None:
         counter = Counter()
+        if spec.mode == "longpoll":
+            await _run_longpoll(spec, slot, counts, ready, stop, latencies, counter)
+            return
         clients = await connect_many(
             spec.host,
             spec.port,
@@ -96,6 +99,40 @@ def _subscriber_main(
                 client.transport.abort()
 
     uvloop.run(run())
+
+
+async def _run_longpoll(
+    spec: SubscriberSpec,
+    slot: int,
+    counts: Any,
+    ready: Any,
+    stop: Any,
+    latencies: Any,
+    counter: Counter,
+) -> None:
+    """The long-poll twin of the WebSocket subscribers above (``bench.lpclient``)."""
+    from bench.lpclient import run_longpoll_clients
+
+    async def publish_counts() -> None:
+        while not stop.is_set():
+            counts[slot] = counter.deliveries
+            await asyncio.sleep(0.05)
+
+    reporter = asyncio.create_task(publish_counts())
+    await run_longpoll_clients(
+        spec.host,
+        spec.port,
+        spec.count,
+        lambda index: spec.channels[(spec.offset + index) % len(spec.channels)],
+        spec.key,
+        counter,
+        spec.samples,
+        ready.release,
+        stop.is_set,
+    )
+    reporter.cancel()
+    counts[slot] = counter.deliveries
+    latencies.put(counter.latencies_ms)
 
 
 class LoadProcesses:

@@ -3,27 +3,23 @@ on one port (the SDK derives its long-polling and REST URLs from the WebSocket e
 
 from __future__ import annotations
 
-import orjson
 from aiohttp import hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from gateway.cors import Cors
+from gateway.errors import error_response
+from gateway.longpoll import LongPollSessions
 from gateway.metrics import METRICS
 from gateway.services import GatewayServices
 from gateway.websocket import serve_websocket
 from gateway.websocket_writer import FlushScheduler
-from shared.errors import ErrorCode, http_status_for
+from shared.errors import ErrorCode
 
-__all__ = ["SERVICES", "create_app", "error_response"]
+__all__ = ["LONG_POLL", "SERVICES", "create_app", "error_response"]
 
 SERVICES = web.AppKey("services", GatewayServices)
 WRITE_SCHEDULER = web.AppKey("write_scheduler", FlushScheduler)
-
-
-def error_response(code: ErrorCode, message: str) -> web.Response:
-    """An HTTP error in the protocol's REST shape (PROTOCOL.md 6.6)."""
-    status = http_status_for(code)
-    body = {"error": {"message": message, "code": int(code), "statusCode": status}}
-    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+LONG_POLL = web.AppKey("long_poll", LongPollSessions)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -54,9 +50,11 @@ async def root(request: web.Request) -> web.StreamResponse:
 
 def create_app(services: GatewayServices) -> web.Application:
     """Build the application around ``services``."""
-    app = web.Application()
+    app = web.Application(middlewares=[Cors(services.settings.cors_origins).middleware])
     app[SERVICES] = services
     app[WRITE_SCHEDULER] = FlushScheduler()
+    long_poll = app[LONG_POLL] = LongPollSessions(services)
+    long_poll.add_routes(app)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

@@ -101,6 +101,11 @@ class Connection:
         for command in commands:
             await self._execute(command)
 
+    async def receive_body(self, data: bytes) -> None:
+        """Handle one long-poll body (binary records, concatenated)."""
+        for command in self.session.receive_body(data):
+            await self._execute(command)
+
     async def _execute(self, command: Command) -> None:
         if isinstance(command, Reply):
             self.send(command.frame)

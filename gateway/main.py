@@ -9,7 +9,7 @@ import logging
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from gateway.app import create_app
+from gateway.app import LONG_POLL, create_app
 from gateway.guard import ConnectionGuard
 from gateway.services import GatewayServices
 from shared.logs import RateLimitFilter
@@ -86,6 +86,7 @@ async def run_gateway(settings: Settings, stop: asyncio.Event) -> None:
     finally:
         for connection in list(services.registry.connections.values()):
             connection.close(CLOSE_GOING_AWAY, "server shutting down")
+        await app[LONG_POLL].close_all()
         await asyncio.sleep(0.1)  # let writers flush their close frames
         listener.close()  # no new connections while the open ones are shut down
         await runner.cleanup()

@@ -141,15 +141,21 @@ class Outbox:
     async def get(self) -> list[bytes]:
         """Wait for frames; return them as WebSocket messages. Empty once closed and drained."""
         if not self._items:
-            while not self._items:
-                if self.closed:
-                    return []
-                self._wakeup.clear()
-                await self._wakeup.wait()
+            await self.wait_pending()
+            if not self._items:
+                return []
             # Woken by the first frame: let the rest of this loop iteration's callbacks (other
             # acks, the rest of a fan-out) queue theirs, so they leave in one write.
             await asyncio.sleep(0)
         return self.take()
+
+    async def wait_pending(self) -> None:
+        """Wait until frames are queued or the queue is closed, taking nothing: a caller
+        that may give up (a long-poll whose client went away) takes only once it knows it
+        can deliver. Cancelling it loses nothing."""
+        while not self._items and not self.closed:
+            self._wakeup.clear()
+            await self._wakeup.wait()
 
     def take(self) -> list[bytes]:
         """Return everything queued now, as messages, without waiting."""

@@ -76,6 +76,7 @@ __all__ = [
     "UnwatchPresence",
     "UpdatePresence",
     "WatchPresence",
+    "build_message",
     "new_message_id",
 ]
 
@@ -251,6 +252,33 @@ def new_message_id(now_ns: int | None = None) -> str:
     return f"{now_ns}-{uuid.uuid4().hex[:8]}"
 
 
+def build_message(frame: PublishFrame, client_id: str, timestamp: int, limits: Limits) -> Message:
+    """The message a ``pub`` frame (or a REST publish, turned into one) stores: stamped with
+    the publisher's ``client_id`` and the server's ``timestamp``, a server id when the
+    client sent none. Raises ``ProtocolError`` 40001 (request id ``frame.id``) for a batch
+    above ``limits.max_batch_members`` or an overlong message id."""
+    if len(frame.members) > limits.max_batch_members:
+        raise ProtocolError(
+            ErrorCode.BAD_FRAME,
+            f"batch of {len(frame.members)} messages exceeds {limits.max_batch_members}",
+            frame.id,
+        )
+    if len(frame.message_id) > limits.max_message_id_length:
+        raise ProtocolError(ErrorCode.BAD_FRAME, "messageId is too long", frame.id)
+    return Message(
+        channel=frame.channel,
+        name="" if frame.members else frame.name,
+        data=None if frame.members else frame.data,
+        # Early JSON clients sent no id: assign one (such publishes cannot be deduplicated).
+        message_id=frame.message_id or new_message_id(),
+        client_id=client_id,
+        timestamp=timestamp,
+        encoding="" if frame.members else frame.encoding,
+        ephemeral=frame.ephemeral,
+        members=frame.members,
+    )
+
+
 class Session:
     """Protocol state of one client connection. Not thread-safe; one per connection."""
 
@@ -330,6 +358,37 @@ class Session:
                     "none of this one was processed",
                 )
             )
+        return self._receive_split(records, malformed)
+
+    def receive_body(self, data: bytes) -> list[Command]:
+        """Handle one long-poll body (PROTOCOL.md 5): binary records the client queued
+        while its previous request was in flight, concatenated. Unlike a WebSocket message,
+        a body is not one frame: each record is held to the frame limit on its own, and the
+        number of records is bounded by the body size the adapter accepts."""
+        if self.state >= SessionState.CLOSING:
+            return []
+        if self.codec is None:
+            self.codec = Codec.BINARY
+        limits = self.limits
+        if self.state is SessionState.AWAITING_AUTH and len(data) > limits.max_auth_message_bytes:
+            return self._close_with(
+                ProtocolError(
+                    ErrorCode.BAD_FRAME,
+                    f"the connect body must be one auth record of at most "
+                    f"{limits.max_auth_message_bytes} bytes",
+                )
+            )
+        records: list[bytes] = []
+        malformed: FrameDecodeError | None = None
+        try:
+            records.extend(binary_codec.iter_records(data))
+        except FrameDecodeError as error:
+            malformed = error
+        return self._receive_split(records, malformed)
+
+    def _receive_split(
+        self, records: list[bytes], malformed: FrameDecodeError | None
+    ) -> list[Command]:
         commands = self._receive_records(records)
         if malformed is not None:
             if self._deferred is not None:
@@ -340,7 +399,14 @@ class Session:
 
     def _receive_records(self, records: list[bytes]) -> list[Command]:
         commands: list[Command] = []
+        max_frame_bytes = self.limits.max_frame_bytes
         for index, record in enumerate(records):
+            if len(record) > max_frame_bytes:
+                # Only a long-poll body gets here (a WebSocket message was checked whole).
+                commands += self._oversized(binary_codec.frame_record(record))
+                if self.is_closed:
+                    break
+                continue
             try:
                 frame = binary_codec.decode_client_record(record)
             except FrameDecodeError as error:
@@ -497,26 +563,7 @@ class Session:
     def _message(self, frame: PublishFrame) -> Message:
         identity = self.identity
         assert identity is not None
-        if len(frame.members) > self.limits.max_batch_members:
-            raise ProtocolError(
-                ErrorCode.BAD_FRAME,
-                f"batch of {len(frame.members)} messages exceeds {self.limits.max_batch_members}",
-                frame.id,
-            )
-        if len(frame.message_id) > self.limits.max_message_id_length:
-            raise ProtocolError(ErrorCode.BAD_FRAME, "messageId is too long", frame.id)
-        return Message(
-            channel=frame.channel,
-            name="" if frame.members else frame.name,
-            data=None if frame.members else frame.data,
-            # Early JSON clients sent no id: assign one (such publishes cannot be deduplicated).
-            message_id=frame.message_id or new_message_id(),
-            client_id=identity.client_id,
-            timestamp=self.clock_ms(),
-            encoding="" if frame.members else frame.encoding,
-            ephemeral=frame.ephemeral,
-            members=frame.members,
-        )
+        return build_message(frame, identity.client_id, self.clock_ms(), self.limits)
 
     # ---- handshake ----
 

@@ -156,6 +156,18 @@ class Settings:
             "RT_OUTBOX_MAX_BYTES", "queued bytes per connection before dropping live messages"
         ),
     )
+    longpoll_hold_s: float = field(
+        default=25.0,
+        metadata=_env("RT_LONGPOLL_HOLD_S", "longest a long-poll is held with nothing to send"),
+    )
+    longpoll_idle_s: float = field(
+        default=45.0,
+        metadata=_env("RT_LONGPOLL_IDLE_S", "end a long-poll session this long without a poll"),
+    )
+    cors_origins: str = field(
+        default="*",
+        metadata=_env("RT_CORS_ORIGINS", "origins allowed on /lp/* and REST, comma-separated"),
+    )
     stream_name: str = field(
         default="RT_MESSAGES", metadata=_env("RT_STREAM", "JetStream stream holding messages")
     )

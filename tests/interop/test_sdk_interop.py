@@ -1,11 +1,23 @@
-"""The unmodified @foony/realtime 0.16.0 SDK against a real two-gateway cluster (issue 3)."""
+"""The unmodified @foony/realtime 0.16.0 SDK against a real two-gateway cluster (issue 3),
+every scenario over both transports: WebSocket and HTTP long-polling (issue 11)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from tests.interop.sdk import run_node
 from tests.support import APP_KEY, Cluster
+
+TRANSPORTS = ("websocket", "long-polling")
+
+
+@pytest.fixture(params=TRANSPORTS, autouse=True)
+def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the module's every test once per transport the SDK offers."""
+    monkeypatch.setenv("RT_TRANSPORT", request.param)
+    return str(request.param)
 
 
 def scenario(cluster: Cluster, name: str) -> Any:

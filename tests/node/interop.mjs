@@ -1,7 +1,8 @@
 // SDK interop scenarios: the unmodified @foony/realtime 0.16.0 against our gateways.
 // Usage: node interop.mjs <scenario>; env RT_A / RT_B (ws:// endpoints of two gateways),
-// RT_KEY (API key). Prints one JSON object (the scenario's observations) on the last line;
+// RT_KEY (API key), RT_TRANSPORT (websocket or long-polling). Prints one JSON object (the scenario's observations) on the last line;
 // pytest makes the assertions.
+import http from 'node:http';
 import net from 'node:net';
 import { Realtime, createJwt, generateRandomKey } from '@foony/realtime';
 import WebSocket from 'ws';
@@ -9,13 +10,15 @@ import WebSocket from 'ws';
 const A = process.env.RT_A;
 const B = process.env.RT_B;
 const KEY = process.env.RT_KEY;
+// 'websocket' or 'long-polling': every scenario runs over both transports (issue 11).
+const TRANSPORT = process.env.RT_TRANSPORT ?? 'websocket';
 const run = Math.random().toString(36).slice(2, 10);
 
 function client(endpoint, options = {}) {
   return new Realtime({
     endpoint,
     webSocket: WebSocket,
-    transport: 'websocket',
+    transport: TRANSPORT,
     ...(options.token || options.authCallback ? {} : { key: KEY }),
     ...options,
   });
@@ -109,11 +112,66 @@ async function publishRaw(endpoint, name, first, last) {
   socket.close();
 }
 
+/**
+ * An HTTP proxy in front of a gateway that refuses every WebSocket upgrade (as some corporate
+ * proxies do) and forwards plain HTTP: the SDK's 'auto' transport has to fall back.
+ */
+async function noUpgradeProxy(target) {
+  const url = new URL(target);
+  const counts = { upgrades: 0, requests: 0 };
+  const server = http.createServer((request, response) => {
+    counts.requests += 1;
+    const upstream = http.request(
+      { host: url.hostname, port: Number(url.port), method: request.method, path: request.url, headers: request.headers },
+      (answer) => {
+        response.writeHead(answer.statusCode, answer.headers);
+        answer.pipe(response);
+      },
+    );
+    upstream.on('error', () => response.destroy());
+    request.pipe(upstream);
+  });
+  server.on('upgrade', (request, socket) => {
+    counts.upgrades += 1;
+    socket.end('HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\nconnection: close\r\n\r\n');
+  });
+  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+  return {
+    url: `ws://127.0.0.1:${server.address().port}`,
+    counts,
+    close() {
+      server.closeAllConnections();
+      server.close();
+    },
+  };
+}
+
 function presenceView(event) {
   return [event.action, event.clientId, event.data ?? null];
 }
 
 const scenarios = {
+  async 'auto-fallback'() {
+    // 'auto' starts on WebSocket; the proxy refuses the upgrade, so the SDK must fall back to
+    // long-polling and then work as usual.
+    const proxy = await noUpgradeProxy(A);
+    const name = `fallback:${run}`;
+    const subscriber = client(proxy.url, { transport: 'auto', clientId: 'behind-proxy' });
+    const publisher = client(B, { transport: 'websocket', clientId: 'outside' });
+    const received = [];
+    const channel = subscriber.channels.get(name);
+    channel.subscribe((message) => received.push(view(message)));
+    await channel.attach();
+    await publisher.channels.get(name).publish('n', { from: 'outside' });
+    await channel.publish('n', { from: 'behind-proxy' });
+    await until(() => received.length === 2, 'both messages through the fallback');
+    const result = { state: subscriber.getState(), received, counts: { ...proxy.counts } };
+    await subscriber.close();
+    await publisher.close();
+    proxy.close();
+    return result;
+  },
+
   async 'presence'() {
     const name = `presence:${run}`;
     const watcher = client(B, { clientId: 'sdk-watcher' });
