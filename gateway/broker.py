@@ -36,6 +36,7 @@ from nats.js import JetStreamContext
 
 from nats_adapter.bootstrap import bootstrap
 from nats_adapter.connect import connect
+from nats_adapter.direct import direct_get
 from nats_adapter.requests import ReplyMux, RequestTimeout
 from shared import subjects
 from shared.binary_codec import encode_member
@@ -347,16 +348,15 @@ class Broker:
         return answer
 
     async def _load_tail(self, subject: str) -> _ChannelTail:
-        assert self.requests is not None
-        reply = await self._direct_get(f"{self.settings.stream_name}.{subject}", b"")
-        headers = reply.headers or {}
-        if headers.get("Status") == "404":
+        reply = await self._direct_get(self.settings.stream_name, subject=subject)
+        if reply is None:
             # Nothing retained: a new channel, or one whose messages all aged out. The tails
             # stream remembers the last serial of the latter; stream sequence 0 still tells
             # JetStream to expect an empty subject.
             serial = await self._retained_serial(subject) if self.settings.channels_can_empty else 0
             tail = _ChannelTail(0, serial)
         else:
+            headers = reply.headers or {}
             tail = _ChannelTail(
                 int(headers["Nats-Sequence"]),
                 int(headers.get(SERIAL_HEADER, 0)),
@@ -369,27 +369,27 @@ class Broker:
         """The last serial the tails stream kept for the channel of ``subject`` (0: none)."""
         tail = subjects.TAIL_PREFIX + subject[len(subjects.STORED_PREFIX) :]
         stream = subjects.tails_stream(self.settings.stream_name)
-        reply = await self._direct_get(f"{stream}.{tail}", b"")
-        return int((reply.headers or {}).get(SERIAL_HEADER, 0) or 0)
+        reply = await self._direct_get(stream, subject=tail)
+        return int(((reply.headers or {}) if reply else {}).get(SERIAL_HEADER, 0) or 0)
 
     async def _serial_at(self, stream_sequence: int) -> int:
-        reply = await self._direct_get(
-            self.settings.stream_name, orjson.dumps({"seq": stream_sequence})
-        )
-        return int((reply.headers or {}).get(SERIAL_HEADER, 0))
+        reply = await self._direct_get(self.settings.stream_name, request={"seq": stream_sequence})
+        return int(((reply.headers or {}) if reply else {}).get(SERIAL_HEADER, 0))
 
-    async def _direct_get(self, target: str, payload: bytes) -> Msg:
+    async def _direct_get(
+        self, stream: str, *, subject: str = "", request: dict[str, object] | None = None
+    ) -> Msg | None:
         assert self.requests is not None
         try:
-            reply = await self.requests.request(
-                f"$JS.API.DIRECT.GET.{target}", payload, self.settings.request_timeout_s
+            return await direct_get(
+                self.requests.request,
+                stream,
+                self.settings.request_timeout_s,
+                subject=subject,
+                request=request,
             )
         except RequestTimeout:
             raise ProtocolError(ErrorCode.SERVER, "message stream did not answer") from None
-        status = (reply.headers or {}).get("Status")
-        if status and status != "404":
-            raise ProtocolError(ErrorCode.SERVER, f"stream read failed: status {status}")
-        return reply
 
     def _remember(self, subject: str, tail: _ChannelTail) -> None:
         self._tails[subject] = tail

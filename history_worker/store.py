@@ -14,7 +14,7 @@ import orjson
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from nats_adapter.direct import direct_batch
+from nats_adapter.direct import direct_batch, direct_get
 from nats_adapter.requests import ReplyMux, RequestTimeout
 from shared.binary_codec import decode_member, member_with_serial
 from shared.errors import ErrorCode, ProtocolError
@@ -55,17 +55,12 @@ class StreamReader:
         self._requests = requests
 
     async def _direct(self, request: dict[str, object] | None, subject: str = "") -> Msg | None:
-        api = f"$JS.API.DIRECT.GET.{self._stream}"
-        if request is None:
-            reply = await self._nc.request(f"{api}.{subject}", b"", timeout=self._timeout)
-        else:
-            reply = await self._nc.request(api, orjson.dumps(request), timeout=self._timeout)
-        status = reply.headers.get("Status") if reply.headers else None
-        if status == "404":
-            return None
-        if status:
-            raise ProtocolError(ErrorCode.SERVER, f"stream read failed: status {status}")
-        return reply
+        return await direct_get(
+            self._request, self._stream, self._timeout, subject=subject, request=request
+        )
+
+    async def _request(self, subject: str, payload: bytes, timeout: float) -> Msg:  # noqa: ASYNC109 - passed to nats-py
+        return await self._nc.request(subject, payload, timeout=timeout)
 
     @staticmethod
     def _stored(msg: Msg) -> _Stored:

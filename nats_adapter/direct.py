@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 
 import orjson
 from nats.aio.client import Client as NatsClient
@@ -12,12 +13,40 @@ from nats.aio.msg import Msg
 
 from shared.errors import ErrorCode, ProtocolError
 
-__all__ = ["DirectBatch", "direct_api", "direct_batch"]
+__all__ = ["DirectBatch", "Requester", "direct_api", "direct_batch", "direct_get"]
+
+Requester = Callable[[str, bytes, float], Awaitable[Msg]]
+"""Sends one request (subject, payload, timeout) and returns the reply: the gateway's
+multiplexer or a plain ``nc.request``."""
 
 
 def direct_api(stream: str) -> str:
     """The direct-get API subject of ``stream``."""
     return f"$JS.API.DIRECT.GET.{stream}"
+
+
+async def direct_get(
+    send: Requester,
+    stream: str,
+    timeout: float,  # noqa: ASYNC109 - the requester enforces it
+    *,
+    subject: str = "",
+    request: dict[str, object] | None = None,
+) -> Msg | None:
+    """One direct get: the last message on ``subject`` or what ``request`` selects (by
+    ``seq`` / ``next_by_subj``). None when nothing matches; any other status is
+    ``ProtocolError`` 50000 (a timeout is the requester's to raise)."""
+    api = direct_api(stream)
+    if request is None:
+        reply = await send(f"{api}.{subject}", b"", timeout)
+    else:
+        reply = await send(api, orjson.dumps(request), timeout)
+    status = reply.headers.get("Status") if reply.headers else None
+    if status == "404":
+        return None
+    if status:
+        raise ProtocolError(ErrorCode.SERVER, f"stream read failed: status {status}")
+    return reply
 
 
 class DirectBatch:
