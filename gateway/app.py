@@ -7,9 +7,10 @@ from aiohttp import hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.cors import Cors
-from gateway.errors import error_response
+from gateway.http import error_response
 from gateway.longpoll import LongPollSessions
 from gateway.metrics import METRICS
+from gateway.rest import add_rest_routes
 from gateway.services import GatewayServices
 from gateway.websocket import serve_websocket
 from gateway.websocket_writer import FlushScheduler
@@ -58,5 +59,6 @@ def create_app(services: GatewayServices) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    add_rest_routes(app, services, root)
     app.router.add_route("*", "/{tail:.*}", root)
     return app

@@ -14,6 +14,7 @@ from gateway.fanout import Subscriber
 from gateway.presence import PresenceClient
 from shared.frames import Message, PresenceAction
 from shared.history import HistoryQuery, HistoryResult
+from shared.presence import MemberRecord
 
 __all__ = ["HistorySource", "LiveChannels", "MessageBus", "PresenceEngine"]
 
@@ -65,6 +66,9 @@ class PresenceEngine(Protocol):
 
     async def subscribe(self, client: PresenceClient, app: str, channel: str, reason: str) -> None:
         """Start presence events for ``client`` (a snapshot first for an explicit one)."""
+
+    async def members(self, app: str, channel: str) -> list[MemberRecord]:
+        """The channel's current members, in no particular order (REST presence)."""
 
     def unsubscribe(
         self, client: PresenceClient, app: str, channel: str, reasons: tuple[str, ...]

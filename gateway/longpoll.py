@@ -22,9 +22,9 @@ import secrets
 from aiohttp import web
 
 from gateway.connection import Connection
-from gateway.errors import error_response
+from gateway.http import error_response, read_body
 from gateway.services import GatewayServices
-from shared.errors import ErrorCode
+from shared.errors import ErrorCode, ProtocolError
 from shared.session import CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_TRY_AGAIN_LATER
 
 __all__ = ["SESSION_HEADER", "LongPollSession", "LongPollSessions"]
@@ -93,9 +93,10 @@ class LongPollSessions:
         address = request.remote or ""
         if self.max_per_address and self._per_address.get(address, 0) >= self.max_per_address:
             return error_response(ErrorCode.RATE_LIMITED, "too many long-poll sessions")
-        body = await _read_body(request, self.services.limits.max_auth_message_bytes)
-        if body is None:
-            return error_response(ErrorCode.BAD_FRAME, "connect body too large")
+        try:
+            body = await read_body(request, self.services.limits.max_auth_message_bytes)
+        except ProtocolError as error:
+            return error_response(error.code, error.message)
         connection = Connection(self.services, "long-polling")
         await connection.receive_body(body)
         frames = b"".join(connection.outbox.take())
@@ -117,9 +118,10 @@ class LongPollSessions:
         session = self._find(request)
         if session is None:
             return _gone()
-        body = await _read_body(request, MAX_SEND_BODY_BYTES)
-        if body is None:
-            return error_response(ErrorCode.BAD_FRAME, "send body too large")
+        try:
+            body = await read_body(request, MAX_SEND_BODY_BYTES)
+        except ProtocolError as error:
+            return error_response(error.code, error.message)
         connection = session.connection
         async with session.send_lock:
             # Back-pressure, as the WebSocket reader does: a client that does not poll its
@@ -238,18 +240,6 @@ class LongPollSessions:
             session.superseded.set_result(None)
         with contextlib.suppress(Exception):
             await session.connection.finish(graceful)
-
-
-async def _read_body(request: web.Request, limit: int) -> bytes | None:
-    """The request body, or None when it is longer than ``limit`` bytes."""
-    if request.content_length is not None and request.content_length > limit:
-        return None
-    body = bytearray()
-    async for chunk in request.content.iter_chunked(64 * 1024):
-        body += chunk
-        if len(body) > limit:
-            return None
-    return bytes(body)
 
 
 def _gone() -> web.Response:

@@ -135,6 +135,21 @@ class _WatchedChannel:
     snapshot_sequence: int = 0
 
 
+def _member_set(channel: str, changes: list[_Change]) -> tuple[ChannelMembers, int]:
+    """The members a read of a channel's keys shows, and the highest stream sequence it
+    covered."""
+    current = ChannelMembers(channel)
+    covered = 0
+    for change in changes:
+        covered = max(covered, change.sequence)
+        if change.removed:
+            current.remove(change.connection_id, 0)
+            continue
+        with contextlib.suppress(ValueError):
+            current.put(MemberRecord.decode(change.value))
+    return current, covered
+
+
 def _loaded(entry: _WatchedChannel) -> bool:
     """True once the channel's first read succeeded (its set is kept current since)."""
     return entry.ready.done() and entry.ready.exception() is None
@@ -449,15 +464,7 @@ class PresenceService:
             # The entry stays as it was; what the feed delivered meanwhile is applied live.
             self._flush(entry)
             raise
-        current = ChannelMembers(entry.members.channel)
-        covered = 0
-        for change in changes:
-            covered = max(covered, change.sequence)
-            if change.removed:
-                current.remove(change.connection_id, 0)
-                continue
-            with contextlib.suppress(ValueError):
-                current.put(MemberRecord.decode(change.value))
+        current, covered = _member_set(entry.members.channel, changes)
         now = _now_ms()
         events: list[PresenceEventFrame | None] = [
             entry.members.remove(connection_id, now)
@@ -541,6 +548,18 @@ class PresenceService:
             for event in entry.members.snapshot():
                 connection.send(event)
         reasons.add(reason)
+
+    async def members(self, app: str, channel: str) -> list[MemberRecord]:
+        """The channel's current members (REST presence): from memory when this gateway
+        follows the channel, else one read of its keys, the batched direct gets a first
+        ``presSub`` snapshot uses. Nothing is kept after such a read: a REST caller is no
+        watcher, and keeping the channel would make the feed apply its changes forever."""
+        pattern = channel_pattern(app, channel)
+        entry = self._channels.get(pattern)
+        if entry is not None and _loaded(entry):
+            return list(entry.members.members.values())
+        current, _ = _member_set(channel, await self._read_members(pattern))
+        return list(current.members.values())
 
     def unsubscribe(
         self, connection: PresenceClient, app: str, channel: str, reasons: tuple[str, ...]

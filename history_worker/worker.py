@@ -79,7 +79,7 @@ class HistoryService:
             if not found:
                 return HistoryResult((), False, newest)
             cursor = found
-        span = history.query_range(query.op, oldest, newest, cursor, limit)
+        span = history.query_range(query.op, oldest, newest, cursor, limit, query.before)
         if not span.count or bounds is None:
             return HistoryResult((), span.flag, newest)
         if query.op is HistoryOp.HISTORY:
@@ -88,7 +88,12 @@ class HistoryService:
             members = await self._read_oldest(subject, bounds, span.first, span.last)
         sizes = [history.encoded_member_size(member) for member in members]
         cut = history.cut_page(sizes, query.op, self.max_reply_bytes, span.flag)
-        return HistoryResult(tuple(members[cut.start : cut.stop]), cut.flag, newest)
+        flag = cut.flag
+        if query.op is HistoryOp.FORWARDS and cut.stop - cut.start < span.count:
+            # The read stopped at the byte budget (or members aged out meanwhile): the rest
+            # of the span is the next page.
+            flag = True
+        return HistoryResult(tuple(members[cut.start : cut.stop]), flag, newest)
 
     def _next_chunk(self, used: int, count: int) -> int:
         """How many more members probably fill the budget (plus one, to see it overflow),

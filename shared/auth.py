@@ -5,6 +5,8 @@ Pure functions over a ``Keyring`` built from settings; no I/O.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import hmac
 import re
 import time
@@ -13,12 +15,21 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import jwt
+import orjson
 from jwt.warnings import InsecureKeyLengthWarning
 
 from shared.capabilities import Capability
 from shared.errors import ErrorCode, ProtocolError
 
-__all__ = ["DEFAULT_TOKEN_MAX_TTL_S", "ApiKey", "Identity", "Keyring", "parse_api_key"]
+__all__ = [
+    "DEFAULT_TOKEN_MAX_TTL_S",
+    "ApiKey",
+    "Identity",
+    "Keyring",
+    "MintedToken",
+    "mint_token",
+    "parse_api_key",
+]
 
 # Key secrets are the operator's choice (the SDK examples use short ones); pyjwt would warn on
 # every verification with a secret under 32 bytes.
@@ -191,3 +202,36 @@ class Keyring:
 
 def _constant_time_equal(left: str, right: str) -> bool:
     return hmac.compare_digest(left.encode(), right.encode())
+
+
+@dataclass(frozen=True, slots=True)
+class MintedToken:
+    """A token signed by ``mint_token`` with its claims: ``issued_at``/``expires_at`` in
+    seconds (``iat``/``exp``), ``capability`` as the JSON string in ``cap``."""
+
+    token: str
+    issued_at: int
+    expires_at: int
+    capability: str
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def mint_token(
+    key: ApiKey, client_id: str, capability: Capability, ttl_ms: int, now: float
+) -> MintedToken:
+    """Sign a client token in the PROTOCOL.md 4.2 format, as the SDKs' own ``createJwt``
+    does: header ``{"alg":"HS256","typ":"JWT","kid":<key name>}``, payload ``sub``, ``cap``
+    (a JSON string), ``iat`` = ``now`` in whole seconds, ``exp = iat + ceil(ttl_ms / 1000)``,
+    HMAC-SHA256 with the key's secret. Built by hand so the header keeps the documented field
+    order; ``Keyring.verify_token`` accepts it (unit-tested)."""
+    issued = int(now)
+    expires = issued + -(-ttl_ms // 1000)
+    cap = orjson.dumps(capability.document).decode()
+    header = orjson.dumps({"alg": "HS256", "typ": "JWT", "kid": key.name})
+    payload = orjson.dumps({"sub": client_id, "cap": cap, "iat": issued, "exp": expires})
+    signing_input = f"{_b64url(header)}.{_b64url(payload)}"
+    signature = hmac.new(key.secret.encode(), signing_input.encode("ascii"), hashlib.sha256)
+    return MintedToken(f"{signing_input}.{_b64url(signature.digest())}", issued, expires, cap)

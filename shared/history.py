@@ -34,6 +34,7 @@ __all__ = [
     "encode_result",
     "encoded_member_size",
     "fetch_range",
+    "forwards_range",
     "history_range",
     "query_range",
     "resume_range",
@@ -58,6 +59,9 @@ class HistoryOp(enum.StrEnum):
     HISTORY = "hist"
     FETCH = "fetch"
     RESUME = "resume"
+    # REST history oldest first (PROTOCOL.md section 9, item 15): the oldest ``limit``
+    # records above ``from_serial`` and below ``before``.
+    FORWARDS = "forwards"
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +137,18 @@ def fetch_range(oldest: int, newest: int, from_serial: int, cap: int) -> SerialR
     return SerialRange(first, min(newest, first + cap - 1), True)
 
 
+def forwards_range(oldest: int, newest: int, after: int, before: int, limit: int) -> SerialRange:
+    """The page of a forwards (oldest first) REST history read: the oldest ``limit`` retained
+    serials above ``after`` and strictly below ``before`` (0 = no bound); ``flag`` = more
+    retained serials follow the page inside that bound."""
+    upper = newest if before == 0 else min(newest, before - 1)
+    first = max(oldest, after + 1)
+    if newest == 0 or first > upper:
+        return SerialRange(1, 0, False)
+    last = min(upper, first + limit - 1)
+    return SerialRange(first, last, last < upper)
+
+
 def resume_range(oldest: int, newest: int, last_serial: int, cap: int) -> SerialRange:
     """The replay of a resuming ``sub``: like ``fetch_range``, except that a cursor above the
     channel's newest serial means the server lost state the client saw: not resumed
@@ -164,8 +180,9 @@ def cut_page(sizes: Sequence[int], op: HistoryOp, budget: int, flag: bool) -> Pa
     ``hist`` keeps the newest members that fit and answers ``more`` when it drops any (the
     client pages on below the oldest one returned); ``fetch`` and resume keep the oldest
     contiguous prefix that fits with their flag unchanged (the client asks again from the last
-    serial it got). At least one member is kept when there is one: a stored message is smaller
-    than the max payload, since NATS accepted it.
+    serial it got); a forwards read keeps that prefix too (the worker then answers ``more``).
+    At least one member is kept when there is one: a stored message is smaller than the max
+    payload, since NATS accepted it.
     """
     room = budget - RESULT_OVERHEAD
     used = 0
@@ -182,11 +199,16 @@ def cut_page(sizes: Sequence[int], op: HistoryOp, budget: int, flag: bool) -> Pa
     return PageCut(0, stop, flag)
 
 
-def query_range(op: HistoryOp, oldest: int, newest: int, cursor: int, limit: int) -> SerialRange:
+def query_range(
+    op: HistoryOp, oldest: int, newest: int, cursor: int, limit: int, before: int = 0
+) -> SerialRange:
     """The serials ``op`` answers with, ``cursor`` being ``before`` for a ``hist`` and the
-    client's last serial for a ``fetch`` or a resume."""
+    client's last serial for a ``fetch``, a resume or a forwards read (whose upper bound is
+    ``before``)."""
     if op is HistoryOp.HISTORY:
         return history_range(oldest, newest, cursor, limit)
+    if op is HistoryOp.FORWARDS:
+        return forwards_range(oldest, newest, cursor, before, limit)
     if op is HistoryOp.FETCH:
         return fetch_range(oldest, newest, cursor, limit)
     return resume_range(oldest, newest, cursor, limit)

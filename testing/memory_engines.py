@@ -115,7 +115,7 @@ class MemoryBus:
                 return HistoryResult((), False, newest)
             cursor = found[0]
         limit = query.limit or 1000
-        span = history.query_range(query.op, oldest, newest, cursor, limit)
+        span = history.query_range(query.op, oldest, newest, cursor, limit, query.before)
         if not span.count:
             return HistoryResult((), span.flag, newest)
         page = stored[span.first - oldest : span.last - oldest + 1]
@@ -160,6 +160,11 @@ class MemoryPresence:
             for event in entry.members.snapshot():
                 client.send(event)
         entry.watchers.setdefault(client, set()).add(reason)
+
+    async def members(self, app: str, channel: str) -> list[MemberRecord]:
+        """The channel's current members."""
+        entry = self._channels.get((app, channel))
+        return [] if entry is None else list(entry.members.members.values())
 
     def unsubscribe(
         self, client: PresenceClient, app: str, channel: str, reasons: tuple[str, ...]

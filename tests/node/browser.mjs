@@ -20,7 +20,7 @@ const SDK_LIB = path.join(path.dirname(fileURLToPath(import.meta.url)), '..', 'n
 const PAGE = `<!doctype html>
 <html><head><meta charset="utf-8"><title>cross-origin long-polling</title></head>
 <body><script type="module">
-  import { Realtime } from '/sdk/index.js';
+  import { Realtime, Rest } from '/sdk/index.js';
   window.startClient = async (endpoint, key, channelName) => {
     const realtime = new Realtime({ endpoint, key, clientId: 'browser', transport: 'long-polling' });
     window.received = [];
@@ -29,6 +29,20 @@ const PAGE = `<!doctype html>
     await channel.attach();
     window.realtime = realtime;
     return realtime.getState();
+  };
+  // REST from the page: Authorization and JSON bodies are preflighted, and paging needs the
+  // Link header exposed.
+  window.restPages = async (endpoint, key, channelName) => {
+    const rest = new Rest({ endpoint: endpoint.replace(/^ws/u, 'http'), key });
+    const channel = rest.channels.get(channelName);
+    await channel.publish('rest', { via: 'rest' });
+    const pages = [];
+    let page = await channel.history({ limit: 1 });
+    while (page) {
+      pages.push(page.items.map((message) => message.name));
+      page = page.hasNext() ? await page.next() : null;
+    }
+    return pages;
   };
 </script></body></html>`;
 
@@ -107,7 +121,11 @@ try {
   await nodeChannel.attach();
   await page.evaluate((channelName) => window.realtime.channels.get(channelName).publish('reply', { from: 'browser' }), name);
   await until(async () => seen.length >= 1, 'browser publish seen by node');
-  result.seenFromBrowser = seen;
+  result.seenFromBrowser = [...seen];
+  result.restPages = await page.evaluate(
+    ([endpoint, key, channelName]) => window.restPages(endpoint, key, channelName),
+    [A, KEY, name],
+  );
   result.failures = [...failures]; // before close, which aborts the held poll on purpose
   await page.evaluate(() => window.realtime.close());
   await publisher.close();

@@ -1,0 +1,34 @@
+"""What the HTTP adapters (long-polling, REST) share: errors in the protocol's JSON shape
+(docs/PROTOCOL.md 6.6) and bounded request bodies."""
+
+from __future__ import annotations
+
+import orjson
+from aiohttp import web
+
+from shared.errors import ErrorCode, ProtocolError, http_status_for
+
+__all__ = ["error_response", "read_body"]
+
+
+def error_response(code: ErrorCode, message: str, status: int | None = None) -> web.Response:
+    """``{"error": {"message", "code", "statusCode"}}`` with the HTTP status for ``code``
+    (or ``status``, where a transport fixes it, such as long-polling's 410)."""
+    status = http_status_for(code) if status is None else status
+    body = {"error": {"message": message, "code": int(code), "statusCode": status}}
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The request body; ``ProtocolError`` 40001 as soon as it passes ``limit`` bytes (a
+    declared length is checked first, chunked bodies as they arrive), so an oversized body
+    is never buffered whole."""
+    too_large = ProtocolError(ErrorCode.BAD_FRAME, f"body larger than {limit} bytes")
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.content.iter_any():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
