@@ -1,11 +1,13 @@
 """Stored-publish throughput with acks (issue 4): one hot channel with 4 publishers on 2
 gateways, and 1,000 channels; plus raw JetStream publish from one Python process as the
-reference. Run: ``python -m bench.publish [--seconds 5] [--runs 3]``."""
+reference, and REST publishes with acks over 1,000 channels (issue 11).
+Run: ``python -m bench.publish [--seconds 5] [--runs 3]``."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import statistics
 import time
@@ -13,6 +15,7 @@ import uuid
 from typing import Any
 
 import nats
+import orjson
 
 from bench.cpu import cpu_seconds
 from bench.loadgen import PublisherSpec, run_processes, shuffled
@@ -84,6 +87,55 @@ async def _raw_jetstream(url: str, seconds: float, window: int = 256) -> float:
     return acked / elapsed
 
 
+async def _rest(cluster: Cluster, seconds: float, concurrency: int = 64) -> dict[str, Any]:
+    """REST publishes with acks (201 + serial) over 1,000 channels, from one Python process
+    (aiohttp, keep-alive, ``concurrency`` requests in flight, both gateways)."""
+    import aiohttp
+
+    gateways = [
+        cluster.a.url.replace("ws://", "http://"),
+        cluster.b.url.replace("ws://", "http://"),
+    ]
+    authorization = "Basic " + base64.b64encode(APP_KEY.encode()).decode()
+    processes = {"gateway_a": cluster.a.process.pid, "gateway_b": cluster.b.process.pid}
+    before = {name: cpu_seconds(pid) for name, pid in processes.items()}
+    acked = errors = 0
+    run = uuid.uuid4().hex[:6]
+    started = time.perf_counter()
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as http:
+
+        async def worker(index: int) -> None:
+            nonlocal acked, errors
+            count = 0
+            base = gateways[index % 2]
+            while time.perf_counter() - started < seconds:
+                count += 1
+                channel = f"rest{run}:{(index * 7919 + count) % 1000}"
+                body = orjson.dumps({"name": "n", "data": "x" * 120, "id": f"{index}-{count}"})
+                async with http.post(
+                    f"{base}/channels/{channel}/messages",
+                    data=body,
+                    headers={"Authorization": authorization, "Content-Type": "application/json"},
+                ) as response:
+                    await response.read()
+                    if response.status == 201:
+                        acked += 1
+                    else:
+                        errors += 1
+
+        await asyncio.gather(*(worker(index) for index in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    cpu = {name: round(cpu_seconds(pid) - before[name], 2) for name, pid in processes.items()}
+    gateway_cpu = sum(cpu.values())
+    return {
+        "rate": acked / elapsed,
+        "errors": errors,
+        "cpu_seconds": cpu,
+        "gateway_cpu_us_per_publish": round(gateway_cpu / acked * 1e6, 1) if acked else None,
+    }
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run every publish scenario ``runs`` times; print and return medians."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -91,7 +143,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--publishers", type=int, default=4)
     arguments = parser.parse_args(argv)
-    results: dict[str, list[float]] = {"hot": [], "channels_1000": [], "raw_jetstream": []}
+    results: dict[str, list[float]] = {
+        "hot": [],
+        "channels_1000": [],
+        "rest_channels_1000": [],
+        "raw_jetstream": [],
+    }
     details: dict[str, Any] = {}
     with running_cluster(env={"RT_LOG_LEVEL": "WARNING"}) as cluster:
         for run in range(arguments.runs):
@@ -108,11 +165,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 arguments.seconds,
                 arguments.publishers,
             )
+            rest = asyncio.run(_rest(cluster, arguments.seconds))
             raw = asyncio.run(_raw_jetstream(cluster.nats.url, arguments.seconds))
             results["hot"].append(hot["rate"])
             results["channels_1000"].append(spread["rate"])
+            results["rest_channels_1000"].append(rest["rate"])
             results["raw_jetstream"].append(raw)
-            details[f"run{run}"] = {"hot": hot, "channels_1000": spread, "raw_jetstream": raw}
+            details[f"run{run}"] = {
+                "hot": hot,
+                "channels_1000": spread,
+                "rest_channels_1000": rest,
+                "raw_jetstream": raw,
+            }
             print(json.dumps(details[f"run{run}"]), flush=True)
     summary = {name: statistics.median(values) for name, values in results.items()}
     print(json.dumps({"median_per_second": summary}))

@@ -23,7 +23,9 @@ def test_auto_transport_falls_back_to_long_polling_behind_a_proxy_without_upgrad
     assert received == [("behind-proxy", "behind-proxy"), ("outside", "outside")]
 
 
-def test_a_browser_on_another_origin_uses_long_polling_and_rest_through_cors(cluster: Cluster) -> None:
+def test_a_browser_on_another_origin_uses_long_polling_and_rest_through_cors(
+    cluster: Cluster,
+) -> None:
     """Headless Chromium, a page on http://localhost:<port> and the gateway on 127.0.0.1:
     every long-poll request is cross-origin and preflighted."""
     result = run_node("browser.mjs", RT_A=cluster.a.url, RT_KEY=APP_KEY, timeout=90)
