@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     subscribers = arguments.subscribers
     rates = [float(rate) for rate in arguments.rates.split(",")]
     results: dict[str, Any] = {"subscribers": subscribers, "points": []}
-    with running_cluster() as cluster:
+    # No per-connection publish limit: the saturated point publishes from one connection.
+    with running_cluster({"RT_PUBLISH_RATE": "0"}) as cluster:
         for rate in [*rates, 0.0]:
             for mode, label in (("realtime", "websocket"), ("longpoll", "long-polling")):
                 point = _point(cluster, mode, subscribers, rate, arguments.seconds)

@@ -150,7 +150,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "raw_jetstream": [],
     }
     details: dict[str, Any] = {}
-    with running_cluster(env={"RT_LOG_LEVEL": "WARNING"}) as cluster:
+    # Throughput of the service, not of the limits: no per-connection or per-key publish rate.
+    environment = {"RT_LOG_LEVEL": "WARNING", "RT_PUBLISH_RATE": "0", "RT_REST_PUBLISH_RATE": "0"}
+    with running_cluster(env=environment) as cluster:
         for run in range(arguments.runs):
             hot = _scenario(
                 cluster,

@@ -415,7 +415,8 @@ def main(argv: list[str] | None = None) -> None:
     sizes = (1000,) if quick else (100, 1000, 10_000)
     started = time.time()
     results: dict[str, Any] = {"machine": machine(), "quick": quick, "fanout": {}, "references": {}}
-    environment = {"RT_LOG_LEVEL": "WARNING", "RT_MAX_CHANNELS": "20000"}
+    # No per-connection publish limit: one publishing connection drives every fan-out here.
+    environment = {"RT_LOG_LEVEL": "WARNING", "RT_MAX_CHANNELS": "20000", "RT_PUBLISH_RATE": "0"}
     with running_cluster(environment) as cluster:
         for size in sizes:
             print(f"fan-out N={size} ...", flush=True)

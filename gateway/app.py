@@ -29,10 +29,11 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Readiness: 200 only while NATS is connected and the streams and buckets exist."""
-    if request.app[SERVICES].broker.is_ready:
+    """Readiness: 200 only while NATS is connected, the streams and buckets exist and the key
+    registry is loaded."""
+    if request.app[SERVICES].is_ready:
         return web.Response(text="ready\n")
-    return web.Response(status=503, text="NATS not ready\n")
+    return web.Response(status=503, text="NATS or the key registry not ready\n")
 
 
 async def metrics(request: web.Request) -> web.Response:

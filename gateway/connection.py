@@ -15,7 +15,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from nats.errors import Error as NatsError
@@ -24,7 +24,8 @@ from gateway.fanout import Delivery
 from gateway.metrics import METRICS
 from gateway.outbox import Outbox
 from gateway.presence import WatchReason
-from gateway.services import GatewayServices
+from gateway.services import GatewayServices, RegisteredConnection
+from shared.auth import Identity
 from shared.errors import ErrorCode, ProtocolError
 from shared.frames import AckFrame, AuthFrame, ErrorFrame, ServerFrame
 from shared.history import HistoryOp, HistoryQuery, HistoryResult
@@ -36,6 +37,7 @@ from shared.session import (
     Close,
     Codec,
     Command,
+    Pause,
     Publish,
     ReadHistory,
     Reply,
@@ -56,13 +58,22 @@ _MAX_IN_FLIGHT = 256
 # How often a replay waiting for a slow reader checks that the connection is still open.
 _REPLAY_DRAIN_CHECK_S = 0.5
 
+# A transport's own admission rule, asked once the credential checked out and the gateway's
+# rules admitted the connection, with the connection it takes over (a resume), if any: the
+# refusal, or None. A rule that admits may count the connection from then on (long-polling
+# counts its sessions per app).
+Admission = Callable[[Identity, RegisteredConnection | None], ProtocolError | None]
+
 
 class Connection:
     """A client connection: session state, outbox and the work it started."""
 
-    def __init__(self, services: GatewayServices, transport: str) -> None:
+    def __init__(
+        self, services: GatewayServices, transport: str, admit: Admission | None = None
+    ) -> None:
         self.services = services
         self.transport = transport
+        self.admit = admit
         self.session = Session(services.keyring, services.limits)
         self.outbox = Outbox(services.settings.outbox_max_bytes, coalesce=True)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -108,6 +119,8 @@ class Connection:
 
     async def _execute(self, command: Command) -> None:
         if isinstance(command, Reply):
+            if command.limit is not None:
+                METRICS.rate_limited[command.limit].inc()
             self.send(command.frame)
         elif isinstance(command, Publish):
             # Waiting here (not in the task) pushes back on a client that floods publishes,
@@ -123,6 +136,10 @@ class Connection:
                 await self._execute(deferred)
         elif isinstance(command, Close):
             self.outbox.close()  # the session already moved to CLOSING with this code
+        elif isinstance(command, Pause):
+            # The transports read the next message (or body) only once this returns: the
+            # client's input waits, its replies (the refusals) go out meanwhile.
+            await asyncio.sleep(command.seconds)
         else:
             await self._carry_out(command)
 
@@ -131,8 +148,14 @@ class Connection:
     def send(self, frame: ServerFrame) -> None:
         """Queue a reply frame."""
         if isinstance(frame, ErrorFrame):
-            METRICS.errors.labels(str(frame.code)).inc()
+            METRICS.error_frame(frame.code)
         self.outbox.put(self.session.encode(frame))
+
+    def refuse(self, error: ProtocolError, request_id: int) -> None:
+        """Answer request ``request_id`` with ``error`` (counted when a limit refused it)."""
+        if error.limit is not None:
+            METRICS.rate_limited[error.limit].inc()
+        self.send(ErrorFrame(int(error.code), error.message, request_id))
 
     def send_encoded(self, binary: bytes, text: bytes) -> None:
         """Queue a frame already encoded for both codecs (presence events: one encoding per
@@ -163,7 +186,7 @@ class Connection:
         session = self.session
         try:
             identity = session.authenticate(
-                frame, secrets.token_urlsafe(9), backend_ready=services.broker.is_ready
+                frame, secrets.token_urlsafe(9), backend_ready=services.is_ready
             )
         except ProtocolError as error:
             # Once per template per interval (the handlers' rate limit): a credential-stuffing
@@ -173,6 +196,15 @@ class Connection:
                 await self._execute(command)
             return
         connection_id, predecessor = services.registry.claim(frame.resume_connection_id, identity)
+        # The gateway's cap first, then the transport's (which counts what it admits).
+        refusal = services.registry.admission_error(identity, predecessor)
+        if refusal is None and self.admit is not None:
+            refusal = self.admit(identity, predecessor)
+        if refusal is not None:
+            log.info("connection refused (%d): %s", int(refusal.code), refusal.message)
+            for command in session.reject(refusal):
+                await self._execute(command)
+            return
         if predecessor is not None:
             predecessor.close(CLOSE_NORMAL, "resumed by a new connection")
         services.registry.add(connection_id, self)
@@ -203,14 +235,14 @@ class Connection:
         try:
             serial = await self.services.broker.publish(identity.app, command.message)
         except ProtocolError as error:
-            self.send(ErrorFrame(int(error.code), error.message, command.request_id))
+            self.refuse(error, command.request_id)
         except (TimeoutError, NatsError) as error:
             log.warning("publish failed: %s", error)
             self.send(
                 ErrorFrame(int(ErrorCode.SERVER), "publish failed, retry", command.request_id)
             )
         else:
-            METRICS.publishes.labels("ephemeral" if command.message.ephemeral else "stored").inc()
+            METRICS.published[command.message.ephemeral].inc()
             self.send(AckFrame(command.request_id, serial))
         finally:
             self._in_flight.release()
@@ -242,7 +274,7 @@ class Connection:
             self.send(AckFrame(command.request_id))
         except ProtocolError as error:
             await self._undo(command)
-            self.send(ErrorFrame(int(error.code), error.message, command.request_id))
+            self.refuse(error, command.request_id)
         except (TimeoutError, NatsError) as error:
             await self._undo(command)
             log.warning("%s failed: %s", type(command).__name__, error)

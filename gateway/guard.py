@@ -29,6 +29,9 @@ from typing import cast
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from gateway.metrics import METRICS
+from shared.limits import Limit
+
 __all__ = ["ConnectionGuard"]
 
 log = logging.getLogger(__name__)
@@ -79,6 +82,7 @@ class ConnectionGuard:
             address = str(peer[0]) if isinstance(peer, tuple) and peer else ""
             count = self.per_address.get(address, 0)
             if count >= self.max_per_address:
+                METRICS.rate_limited[Limit.CONNECTIONS_PER_ADDRESS].inc()
                 log.debug("refused a connection: %s holds %d", address, count)
                 transport.abort()
                 return None

@@ -6,9 +6,11 @@ from __future__ import annotations
 import orjson
 from aiohttp import web
 
+from gateway.metrics import METRICS
 from shared.errors import ErrorCode, ProtocolError, http_status_for
+from shared.limits import Limit
 
-__all__ = ["error_response", "read_body"]
+__all__ = ["error_response", "read_body", "refusal_response"]
 
 
 def error_response(code: ErrorCode, message: str, status: int | None = None) -> web.Response:
@@ -19,11 +21,23 @@ def error_response(code: ErrorCode, message: str, status: int | None = None) -> 
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
 
 
+def refusal_response(error: ProtocolError, headers: dict[str, str] | None = None) -> web.Response:
+    """``error_response`` for ``error``, counted when a limit refused the request."""
+    if error.limit is not None:
+        METRICS.rate_limited[error.limit].inc()
+    response = error_response(error.code, error.message)
+    if headers:
+        response.headers.update(headers)
+    return response
+
+
 async def read_body(request: web.Request, limit: int) -> bytes:
     """The request body; ``ProtocolError`` 40001 as soon as it passes ``limit`` bytes (a
     declared length is checked first, chunked bodies as they arrive), so an oversized body
     is never buffered whole."""
-    too_large = ProtocolError(ErrorCode.BAD_FRAME, f"body larger than {limit} bytes")
+    too_large = ProtocolError(
+        ErrorCode.BAD_FRAME, f"body larger than {limit} bytes", limit=Limit.MESSAGE_SIZE
+    )
     if request.content_length is not None and request.content_length > limit:
         raise too_large
     body = bytearray()

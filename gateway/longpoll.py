@@ -7,6 +7,11 @@ handshake records and, on success, the session token in ``foony-lp-session``), `
 most ``RT_LONGPOLL_HOLD_S``) and ``/lp/disconnect``. Everything the protocol decides happens
 in the session and the connection, exactly as for a WebSocket; this module only moves bodies.
 
+Sessions are capped per app (``RT_MAX_LONGPOLL_SESSIONS_PER_APP``, on top of the gateway's
+``RT_MAX_CONNECTIONS_PER_APP``, which counts them with the WebSockets): a refusal is a refused
+handshake, ``200`` with an ``err`` 42900 record and no session header, because the SDK reads a
+body only on a 2xx and must see the code to back off and retry (PROTOCOL.md 5).
+
 A session lives on the gateway that created it. Another gateway answers its token with 410,
 the SDK reconnects with ``resumeConnectionId`` and resumes by serial, so a load balancer
 needs no sticky sessions (docs/DESIGN.md, "Long-polling").
@@ -22,9 +27,12 @@ import secrets
 from aiohttp import web
 
 from gateway.connection import Connection
-from gateway.http import error_response, read_body
-from gateway.services import GatewayServices
+from gateway.http import error_response, read_body, refusal_response
+from gateway.metrics import METRICS
+from gateway.services import GatewayServices, RegisteredConnection
+from shared.auth import Identity
 from shared.errors import ErrorCode, ProtocolError
+from shared.limits import Limit
 from shared.session import CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_TRY_AGAIN_LATER
 
 __all__ = ["SESSION_HEADER", "LongPollSession", "LongPollSessions"]
@@ -47,10 +55,12 @@ _SEND_BACKPRESSURE_S = 20.0
 class LongPollSession:
     """One long-poll client: its connection, its send lane and its held poll."""
 
-    def __init__(self, token: str, connection: Connection, address: str) -> None:
+    def __init__(self, token: str, connection: Connection, address: str, app: str = "") -> None:
         self.token = token
         self.connection = connection
         self.address = address
+        # The app it is counted under while capping sessions per app ("" when not counted).
+        self.app = app
         # Bodies are processed in arrival order, one at a time (the SDK sends one at a time
         # too; a retried request must not overtake the one before it).
         self.send_lock = asyncio.Lock()
@@ -69,8 +79,12 @@ class LongPollSessions:
         self.hold_s = settings.longpoll_hold_s
         self.idle_s = settings.longpoll_idle_s
         self.max_per_address = settings.max_connections_per_address
+        self.max_per_app = settings.max_longpoll_sessions_per_app
         self.sessions: dict[str, LongPollSession] = {}
         self._per_address: dict[str, int] = {}
+        # Sessions per app (kept only while capping), admitted ones included; an entry goes
+        # at zero.
+        self.per_app: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     def __len__(self) -> int:
@@ -92,19 +106,35 @@ class LongPollSessions:
         record as body: the SDK reads the body only on a 2xx (PROTOCOL.md 5)."""
         address = request.remote or ""
         if self.max_per_address and self._per_address.get(address, 0) >= self.max_per_address:
+            METRICS.rate_limited[Limit.CONNECTIONS_PER_ADDRESS].inc()
             return error_response(ErrorCode.RATE_LIMITED, "too many long-poll sessions")
         try:
             body = await read_body(request, self.services.limits.max_auth_message_bytes)
         except ProtocolError as error:
-            return error_response(error.code, error.message)
-        connection = Connection(self.services, "long-polling")
+            return refusal_response(error)
+        # The app the handshake admitted a session of (and counted), if it did.
+        admitted: list[str] = []
+
+        def admit(
+            identity: Identity, predecessor: RegisteredConnection | None
+        ) -> ProtocolError | None:
+            refusal = self._admit(identity.app, takes_over=predecessor is not None)
+            if refusal is None:
+                admitted.append(identity.app)
+            return refusal
+
+        connection = Connection(
+            self.services, "long-polling", admit if self.max_per_app > 0 else None
+        )
         await connection.receive_body(body)
         frames = b"".join(connection.outbox.take())
         if not connection.is_connected:
+            for app in admitted:  # admitted, then closed before it became a session
+                self._release(app)
             await connection.finish()
             return web.Response(body=frames, content_type=_BINARY)
         token = secrets.token_urlsafe(_TOKEN_BYTES)
-        session = LongPollSession(token, connection, address)
+        session = LongPollSession(token, connection, address, admitted[0] if admitted else "")
         connection.outbox.on_overflow = lambda: connection.close(
             CLOSE_TRY_AGAIN_LATER, "slow consumer"
         )
@@ -121,7 +151,7 @@ class LongPollSessions:
         try:
             body = await read_body(request, MAX_SEND_BODY_BYTES)
         except ProtocolError as error:
-            return error_response(error.code, error.message)
+            return refusal_response(error)
         connection = session.connection
         async with session.send_lock:
             # Back-pressure, as the WebSocket reader does: a client that does not poll its
@@ -197,6 +227,30 @@ class LongPollSessions:
 
     # ---- lifetime ----
 
+    def _admit(self, app: str, takes_over: bool = False) -> ProtocolError | None:
+        """Count a new session of ``app``, or refuse it (42900) at the cap. Called inside the
+        handshake, once the credential names the app: counting here rather than when the
+        session is registered (after awaits) keeps concurrent connects from overshooting.
+        A session that ``takes_over`` a connection (a resume) is admitted as the gateway's
+        cap admits it: the one it replaces is closing, and its slot comes free when it ends."""
+        count = self.per_app.get(app, 0)
+        if count >= self.max_per_app and not takes_over:
+            return ProtocolError(
+                ErrorCode.RATE_LIMITED,
+                f"app has {self.max_per_app} long-poll sessions on this gateway already, "
+                "retry later",
+                limit=Limit.LONGPOLL_SESSIONS_PER_APP,
+            )
+        self.per_app[app] = count + 1
+        return None
+
+    def _release(self, app: str) -> None:
+        count = self.per_app.get(app, 0) - 1
+        if count > 0:
+            self.per_app[app] = count
+        else:
+            self.per_app.pop(app, None)
+
     async def close_all(self) -> None:
         """End every session (shutdown): held polls answer, later ones get 410."""
         for session in list(self.sessions.values()):
@@ -233,6 +287,8 @@ class LongPollSessions:
             self._per_address[session.address] = count
         else:
             self._per_address.pop(session.address, None)
+        if session.app:
+            self._release(session.app)
         if session.idle_timer is not None:
             session.idle_timer.cancel()
             session.idle_timer = None

@@ -49,6 +49,7 @@ async def run_gateway(settings: Settings, stop: asyncio.Event) -> None:
     services = GatewayServices.create(settings)
     services.broker.start()
     presence = asyncio.create_task(services.presence.start(), name="presence")
+    keys = asyncio.create_task(services.keys.start(), name="keys") if services.keys else None
     guard = ConnectionGuard(settings.header_timeout_s, settings.max_connections_per_address)
     app = create_app(services)
     app.middlewares.append(guard.middleware)
@@ -91,4 +92,6 @@ async def run_gateway(settings: Settings, stop: asyncio.Event) -> None:
         listener.close()  # no new connections while the open ones are shut down
         await runner.cleanup()
         presence.cancel()
+        if keys is not None:
+            keys.cancel()
         await services.broker.close()

@@ -49,6 +49,7 @@ from nats_adapter.requests import RequestTimeout
 from shared import binary_codec, json_codec
 from shared.errors import ErrorCode, ProtocolError
 from shared.frames import PresenceAction, PresenceEventFrame, ServerFrame
+from shared.limits import Limit
 from shared.presence import ChannelMembers, MemberRecord, channel_pattern, member_key
 from shared.session import CLOSE_NORMAL, Session
 
@@ -609,7 +610,9 @@ class PresenceService:
             known = entry.members.members
             if connection_id not in known and len(known.keys() | entry.admitted) >= limit:
                 raise ProtocolError(
-                    ErrorCode.RATE_LIMITED, f"channel {channel!r} has {limit} members already"
+                    ErrorCode.RATE_LIMITED,
+                    f"channel {channel!r} has {limit} members already",
+                    limit=Limit.PRESENCE_MEMBERS,
                 )
             entry.admitted.add(connection_id)
             entry.references += 1

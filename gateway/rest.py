@@ -8,7 +8,8 @@ history through the history workers, presence through the presence engine.
 
 Every failure answers the protocol's JSON error body (``gateway.http.error_response``),
 never aiohttp's plain-text pages: validation 400/40001, credentials 401, capability 403,
-NATS not ready 503/50001, backend timeouts and anything unexpected 500/50000.
+NATS not ready 503/50001, backend timeouts and anything unexpected 500/50000, a key's
+publish rate exceeded 429/42900 (``RT_REST_PUBLISH_RATE``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 from nats.errors import Error as NatsError
 
-from gateway.http import error_response, read_body
+from gateway.http import error_response, read_body, refusal_response
 from gateway.metrics import METRICS
 from gateway.services import GatewayServices
 from nats_adapter.requests import RequestTimeout
@@ -30,6 +31,7 @@ from shared import rest
 from shared.capabilities import Operation
 from shared.channels import validate_channel
 from shared.errors import ErrorCode, ProtocolError
+from shared.limits import KeyedBuckets
 from shared.logs import RateLimitFilter
 
 __all__ = ["RestApi", "add_rest_routes"]
@@ -56,7 +58,7 @@ def _answering_errors(handler: Handler) -> Handler:
         try:
             return await handler(request)
         except ProtocolError as error:
-            return error_response(error.code, error.message)
+            return refusal_response(error)
         except HttpProcessingError as error:  # a body cut short or badly chunked
             return error_response(ErrorCode.BAD_FRAME, f"malformed request body: {error.message}")
         except ConnectionError:
@@ -83,12 +85,19 @@ class RestApi:
         self.services = services
         self.limits = services.limits
         self._openapi = orjson.dumps(rest.openapi_document(self.limits))
+        settings = services.settings
+        # Per API key, on this gateway (None: RT_REST_PUBLISH_RATE=0, no limit).
+        self.publish_buckets: KeyedBuckets | None = None
+        if settings.rest_publish_rate > 0:
+            self.publish_buckets = KeyedBuckets(
+                settings.rest_publish_rate, settings.rest_publish_burst
+            )
 
     def _caller(self, request: web.Request) -> rest.Caller:
         return rest.authenticate(self.services.keyring, request.headers.get(hdrs.AUTHORIZATION))
 
     def _require_ready(self) -> None:
-        if not self.services.broker.is_ready:
+        if not self.services.is_ready:
             raise ProtocolError(ErrorCode.BOOTSTRAP, "message backend not ready, retry later")
 
     async def time(self, request: web.Request) -> web.Response:
@@ -109,8 +118,13 @@ class RestApi:
         body = await read_body(request, self.limits.max_frame_bytes)
         message = rest.decode_publish(body, channel, caller, self.limits)
         self._require_ready()
+        if self.publish_buckets is not None:
+            refusal = rest.publish_refusal(self.publish_buckets, caller, message)
+            if refusal is not None:
+                error, wait_s = refusal
+                return refusal_response(error, {hdrs.RETRY_AFTER: str(wait_s)})
         serial = await self.services.broker.publish(identity.app, message)
-        METRICS.publishes.labels("ephemeral" if message.ephemeral else "stored").inc()
+        METRICS.published[message.ephemeral].inc()
         return _json(rest.encode_publish_result(message, serial), status=201)
 
     async def history(self, request: web.Request) -> web.Response:

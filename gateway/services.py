@@ -9,9 +9,13 @@ from gateway.broker import Broker
 from gateway.engines import HistorySource, LiveChannels, MessageBus, PresenceEngine
 from gateway.fanout import ChannelRouter
 from gateway.history_client import HistoryClient
+from gateway.keys import KeyRegistry
 from gateway.presence import PresenceService
 from shared.auth import Identity, Keyring
 from shared.connection_ids import belongs_to_app, new_connection_id
+from shared.errors import ErrorCode, ProtocolError
+from shared.frames import ServerFrame
+from shared.limits import Limit
 from shared.session import Limits, Session
 from shared.settings import Settings
 
@@ -26,18 +30,43 @@ class RegisteredConnection(Protocol):
     def session(self) -> Session:
         """The connection's protocol state (identity, connection id)."""
 
+    def send(self, frame: ServerFrame) -> None:
+        """Queue a frame (a revoked key's ``err``)."""
+
     def close(self, code: int, reason: str) -> None:
         """Close the connection after what is queued."""
 
 
 class ConnectionRegistry:
-    """The live connections of this gateway, by connection id."""
+    """The live connections of this gateway (WebSocket and long-poll alike), by connection
+    id, counted per app so that one app cannot take all of a gateway's connections
+    (``max_per_app``, 0 = no cap)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_per_app: int = 0) -> None:
         self.connections: dict[str, RegisteredConnection] = {}
+        self.max_per_app = max_per_app
+        # Registered connections per app; an entry goes at zero.
+        self.per_app: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self.connections)
+
+    def admission_error(
+        self, identity: Identity, predecessor: RegisteredConnection | None
+    ) -> ProtocolError | None:
+        """The refusal (unscoped 42900) of a new connection of ``identity``'s app when the
+        app already holds ``max_per_app`` connections here, else None. A connection that
+        takes over its ``predecessor`` (a resume) replaces it, so it is never refused: a
+        reconnecting client at the cap gets its connection back."""
+        if self.max_per_app <= 0 or predecessor is not None:
+            return None
+        if self.per_app.get(identity.app, 0) < self.max_per_app:
+            return None
+        return ProtocolError(
+            ErrorCode.RATE_LIMITED,
+            f"app has {self.max_per_app} connections on this gateway already, retry later",
+            limit=Limit.CONNECTIONS_PER_APP,
+        )
 
     def claim(self, resume_id: str, identity: Identity) -> tuple[str, RegisteredConnection | None]:
         """Choose the id of a new connection: the resumed one when allowed, else a fresh one.
@@ -57,13 +86,29 @@ class ConnectionRegistry:
         return new_connection_id(identity.app), None
 
     def add(self, connection_id: str, connection: RegisteredConnection) -> None:
-        """Register ``connection`` under ``connection_id``."""
+        """Register ``connection`` under ``connection_id`` (replacing, and no longer
+        counting, a predecessor that held the id)."""
+        replaced = self.connections.get(connection_id)
+        if replaced is not None:
+            self._count(replaced, -1)
         self.connections[connection_id] = connection
+        self._count(connection, 1)
 
     def remove(self, connection_id: str, connection: RegisteredConnection) -> None:
         """Forget ``connection`` if it still holds ``connection_id``."""
         if self.connections.get(connection_id) is connection:
             del self.connections[connection_id]
+            self._count(connection, -1)
+
+    def _count(self, connection: RegisteredConnection, delta: int) -> None:
+        identity = connection.session.identity
+        if identity is None:
+            return
+        count = self.per_app.get(identity.app, 0) + delta
+        if count > 0:
+            self.per_app[identity.app] = count
+        else:
+            self.per_app.pop(identity.app, None)
 
 
 @dataclass
@@ -77,19 +122,35 @@ class GatewayServices:
     history: HistorySource
     presence: PresenceEngine
     registry: ConnectionRegistry = field(default_factory=ConnectionRegistry)
+    # The key registry's follower (None in tests that run without NATS).
+    keys: KeyRegistry | None = None
+
+    def __post_init__(self) -> None:
+        # The registry is built before the settings are at hand (a field default, or by
+        # ``create``); its cap comes from them, however the services were put together.
+        self.registry.max_per_app = self.settings.max_connections_per_app
 
     @classmethod
     def create(cls, settings: Settings) -> GatewayServices:
         """Wire the services for ``settings`` (call inside the running event loop)."""
         broker = Broker(settings)
+        keyring = settings.keyring()
+        registry = ConnectionRegistry()
         return cls(
             settings=settings,
-            keyring=settings.keyring(),
+            keyring=keyring,
             broker=broker,
             router=ChannelRouter(broker),
             history=HistoryClient(broker),
             presence=PresenceService(broker),
+            registry=registry,
+            keys=KeyRegistry(settings, keyring, broker, registry.connections.values),
         )
+
+    @property
+    def is_ready(self) -> bool:
+        """True when handshakes can be decided: NATS is ready and the key registry loaded."""
+        return self.broker.is_ready and (self.keys is None or self.keys.is_ready)
 
     @property
     def limits(self) -> Limits:
@@ -101,4 +162,6 @@ class GatewayServices:
             max_batch_members=settings.max_batch_members,
             max_channels=settings.max_channels_per_connection,
             max_presence_data_bytes=settings.presence_max_data_bytes,
+            publish_rate=settings.publish_rate,
+            publish_burst=settings.publish_burst,
         )

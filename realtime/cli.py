@@ -1,4 +1,4 @@
-"""The ``realtime`` command line: ``dev``, ``gateway`` and ``history-worker``.
+"""The ``realtime`` command line: ``dev``, ``gateway``, ``history-worker`` and ``keys``.
 
 Every flag has an ``RT_*`` environment variable (see ``shared.settings``); flags win.
 """
@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from realtime.keys import add_key_commands, run_keys
 from shared.logs import configure_logging
 from shared.settings import LOG_FORMATS, Settings
 
@@ -35,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
 
     worker = commands.add_parser("history-worker", help="run a history worker")
     worker.add_argument("--nats", help="NATS URL (RT_NATS_URL)")
+
+    add_key_commands(commands)
 
     for command in (dev, gateway, worker):
         command.add_argument("--log-level", help="RT_LOG_LEVEL, default INFO")
@@ -79,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
                 log_level=arguments.log_level,
                 log_format=arguments.log_format,
             )
+        elif arguments.command == "keys":
+            settings = Settings.load(nats_url=arguments.nats)
+            return asyncio.run(run_keys(arguments, settings))
         else:
             settings = Settings.load(
                 nats_url=arguments.nats,
@@ -96,10 +102,11 @@ def main(argv: list[str] | None = None) -> int:
 
         _run(lambda stop: run_dev(settings, stop, arguments.nats_port, arguments.data_dir))
     elif arguments.command == "gateway":
-        if not settings.keys():
+        if not settings.keys() and not settings.keys_secret:
             print(
                 "realtime gateway: no API key configured. Set RT_API_KEYS to a comma-separated\n"
-                "list of appSlug.keyId:secret keys (or use `realtime dev` for a local key).",
+                "list of appSlug.keyId:secret keys, RT_KEYS_FILE, or RT_KEYS_SECRET to use the\n"
+                "key registry (`realtime keys create`); or use `realtime dev` for a local key.",
                 file=sys.stderr,
             )
             return 2

@@ -15,7 +15,13 @@ from pathlib import Path
 
 from gateway.main import run_gateway
 from history_worker.worker import run_history_worker
-from shared.settings import DEV_API_KEY, Settings, split_list
+from shared.settings import (
+    DEV_API_KEY,
+    DEV_KEYS_SECRET,
+    DEV_TOKEN_SIGNING_KEY,
+    Settings,
+    split_list,
+)
 
 __all__ = ["find_nats_server", "run_dev", "start_nats_server"]
 
@@ -111,7 +117,14 @@ async def run_dev(settings: Settings, stop: asyncio.Event, nats_port: int, data_
         log.warning(
             "*** no API key configured: using the DEV key %s (never in production) ***", DEV_API_KEY
         )
-    settings = dataclasses.replace(settings, nats_url=f"nats://127.0.0.1:{nats_port}")
+    # Development defaults, so the key registry and the SDK examples' legacy tokens work out
+    # of the box; both are printed below, and both are for this laptop only.
+    settings = dataclasses.replace(
+        settings,
+        nats_url=f"nats://127.0.0.1:{nats_port}",
+        keys_secret=settings.keys_secret or DEV_KEYS_SECRET,
+        token_signing_key=settings.token_signing_key or DEV_TOKEN_SIGNING_KEY,
+    )
     nats = await start_nats_server(nats_port, Path(data_dir) / "nats")
     # Closing the terminal no longer reaches nats-server (its own session): stop with it.
     with contextlib.suppress(AttributeError, NotImplementedError, RuntimeError):
@@ -129,6 +142,9 @@ async def run_dev(settings: Settings, stop: asyncio.Event, nats_port: int, data_
         f"\nRealtime dev cluster\n"
         f"  endpoint  ws://{settings.host}:{settings.port}\n"
         f"  API key   {key}\n"
+        f"  tokens    legacy dev tokens signed with {settings.token_signing_key} "
+        f"(RT_TOKEN_SIGNING_KEY)\n"
+        f"  keys      RT_KEYS_SECRET={settings.keys_secret} realtime keys create APP\n"
         f"  NATS      {settings.nats_url} (JetStream data in {data_dir}/nats)\n"
         f"Ctrl-C stops everything.\n",
         flush=True,

@@ -23,6 +23,7 @@ from shared.errors import ErrorCode, ProtocolError
 
 __all__ = [
     "DEFAULT_TOKEN_MAX_TTL_S",
+    "LEGACY_KEY_ID",
     "ApiKey",
     "Identity",
     "Keyring",
@@ -41,11 +42,25 @@ _APP_SLUG = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 
 @dataclass(frozen=True, slots=True)
 class ApiKey:
-    """One API key: ``name`` is ``appSlug.keyId``; the capability limits what it may do."""
+    """One API key: ``name`` is ``appSlug.keyId``; the capability limits what it may do.
+
+    Registry keys may expire (``expires_at``) and, after a rotation, accept their previous
+    secret until ``previous_until`` (both Unix seconds)."""
 
     name: str
     secret: str
     capability: Capability
+    expires_at: float | None = None
+    previous_secret: str = ""
+    previous_until: float = 0.0
+
+    def secrets_at(self, now: float) -> tuple[str, ...]:
+        """The secrets that authenticate at ``now`` (none once the key expired)."""
+        if self.expires_at is not None and now >= self.expires_at:
+            return ()
+        if self.previous_secret and now < self.previous_until:
+            return (self.secret, self.previous_secret)
+        return (self.secret,)
 
     @property
     def app(self) -> str:
@@ -78,6 +93,9 @@ def parse_api_key(text: str, capability: Capability | None = None) -> ApiKey:
 
 
 DEFAULT_TOKEN_MAX_TTL_S = 24 * 3600.0
+# The key id legacy development tokens are attributed to (``appSlug.legacy``): they have no
+# kid, and revocation, limits and logs need a key name.
+LEGACY_KEY_ID = "legacy"
 # Clock skew allowed between the token signer and the gateway when checking lifetimes.
 _CLOCK_SKEW_S = 60.0
 
@@ -87,13 +105,25 @@ def _is_number(value: object) -> bool:
 
 
 class Keyring:
-    """The API keys a gateway accepts, looked up by key name."""
+    """The API keys a gateway accepts, looked up by key name.
+
+    Static keys (``RT_API_KEYS``, ``RT_KEYS_FILE``) are fixed; registry keys come and go
+    while the gateway runs (``put``, ``remove``: the key registry's watcher calls them), and
+    never shadow a static key of the same name. With a ``signing_key`` (``RT_TOKEN_SIGNING_KEY``)
+    legacy development tokens are accepted too: no ``kid``, an ``app`` claim, signed with that
+    server-wide secret (PROTOCOL.md 4.2, last paragraph).
+    """
 
     def __init__(
-        self, keys: Iterable[ApiKey], token_max_ttl_s: float = DEFAULT_TOKEN_MAX_TTL_S
+        self,
+        keys: Iterable[ApiKey],
+        token_max_ttl_s: float = DEFAULT_TOKEN_MAX_TTL_S,
+        signing_key: str = "",
     ) -> None:
         self._keys = {key.name: key for key in keys}
+        self._static = frozenset(self._keys)
         self.token_max_ttl_s = token_max_ttl_s
+        self.signing_key = signing_key
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -102,44 +132,67 @@ class Keyring:
         """Return the key named ``name``, if configured."""
         return self._keys.get(name)
 
-    def authenticate_key(self, text: str) -> ApiKey:
-        """Return the key matching the whole ``appSlug.keyId:secret`` string, else 40101."""
+    def names(self) -> list[str]:
+        """Every key name accepted now."""
+        return list(self._keys)
+
+    def put(self, key: ApiKey) -> bool:
+        """Add or replace a registry key; False (and nothing changes) when a static key has
+        that name."""
+        if key.name in self._static:
+            return False
+        self._keys[key.name] = key
+        return True
+
+    def remove(self, name: str) -> ApiKey | None:
+        """Forget a registry key (revoked); return it, None if unknown or static."""
+        if name in self._static:
+            return None
+        return self._keys.pop(name, None)
+
+    def authenticate_key(self, text: str, now: float | None = None) -> ApiKey:
+        """Return the key matching the whole ``appSlug.keyId:secret`` string, else 40101
+        (also for an expired key, or a previous secret past its rotation grace)."""
         name, _, secret = text.partition(":")
         key = self._keys.get(name)
-        # compare_digest keeps the secret check constant-time.
-        if key is None or not _constant_time_equal(key.secret, secret):
-            raise ProtocolError(ErrorCode.BAD_AUTH, "invalid API key")
-        return key
+        if key is not None:
+            now = time.time() if now is None else now
+            # compare_digest keeps the secret check constant-time.
+            if any(_constant_time_equal(known, secret) for known in key.secrets_at(now)):
+                return key
+        raise ProtocolError(ErrorCode.BAD_AUTH, "invalid API key")
 
     def verify_token(
         self, token: str, now: float | None = None
     ) -> tuple[ApiKey, dict[str, object]]:
         """Verify an HS256 JWT signed by one of our keys (``kid``); return key and claims.
 
-        Raises ``ProtocolError`` 40102 when expired and 40101 for every other failure.
+        A token with no ``kid`` is a legacy development token: accepted only with a
+        ``signing_key``, for the app its ``app`` claim names (an allow-all key of that app
+        stands for the signer). Raises ``ProtocolError`` 40102 when expired and 40101 for
+        every other failure (a revoked or expired key included).
         """
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
             raise ProtocolError(ErrorCode.BAD_AUTH, "malformed token") from None
-        kid = header.get("kid")
-        key = self._keys.get(kid) if isinstance(kid, str) else None
-        if key is None:
-            raise ProtocolError(ErrorCode.BAD_AUTH, "token kid names no known key")
         now = time.time() if now is None else now
-        try:
-            claims: dict[str, object] = jwt.decode(
-                token,
-                key.secret,
-                algorithms=["HS256"],
-                # iat in the future is client clock skew, not forgery; exp is what matters.
-                options={"require": ["exp"], "verify_iat": False},
-                leeway=0,
-            )
-        except jwt.ExpiredSignatureError:
-            raise ProtocolError(ErrorCode.AUTH_EXPIRED, "token expired") from None
-        except jwt.PyJWTError as error:
-            raise ProtocolError(ErrorCode.BAD_AUTH, f"invalid token: {error}") from None
+        kid = header.get("kid")
+        if kid is None and self.signing_key:
+            claims = self._decode(token, (self.signing_key,))
+            app = claims.get("app")
+            if not isinstance(app, str) or not _APP_SLUG.fullmatch(app):
+                raise ProtocolError(ErrorCode.BAD_AUTH, "legacy token needs a valid app claim")
+            key = ApiKey(f"{app}.{LEGACY_KEY_ID}", self.signing_key, Capability.allow_all())
+        else:
+            key_or_none = self._keys.get(kid) if isinstance(kid, str) else None
+            if key_or_none is None:
+                raise ProtocolError(ErrorCode.BAD_AUTH, "token kid names no known key")
+            key = key_or_none
+            known = key.secrets_at(now)
+            if not known:
+                raise ProtocolError(ErrorCode.BAD_AUTH, "the token's key has expired")
+            claims = self._decode(token, known)
         # Claim types are checked strictly: PyJWT accepts a string "exp", which would make a
         # token that never expires while connected.
         expires = claims.get("exp")
@@ -159,6 +212,27 @@ class Keyring:
                 f"token lifetime exceeds the {self.token_max_ttl_s:.0f} s maximum",
             )
         return key, claims
+
+    @staticmethod
+    def _decode(token: str, known_secrets: tuple[str, ...]) -> dict[str, object]:
+        """The claims of ``token`` if one of ``known_secrets`` signed it (a rotated key
+        still accepts its previous secret during the grace)."""
+        error: jwt.PyJWTError | None = None
+        for secret in known_secrets:
+            try:
+                return jwt.decode(
+                    token,
+                    secret,
+                    algorithms=["HS256"],
+                    # iat in the future is client clock skew, not forgery; exp is what matters.
+                    options={"require": ["exp"], "verify_iat": False},
+                    leeway=0,
+                )
+            except jwt.ExpiredSignatureError:
+                raise ProtocolError(ErrorCode.AUTH_EXPIRED, "token expired") from None
+            except jwt.PyJWTError as failure:
+                error = failure
+        raise ProtocolError(ErrorCode.BAD_AUTH, f"invalid token: {error}") from None
 
     def identify(self, token: str, key_text: str, client_id: str, assign_id: str) -> Identity:
         """Authenticate an ``auth`` frame's credential; ``assign_id`` is used when no id.

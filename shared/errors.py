@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import enum
 
+from shared.limits import Limit
+
 __all__ = ["ErrorCode", "ProtocolError", "http_status_for"]
 
 
@@ -45,14 +47,18 @@ class ProtocolError(Exception):
     """A request or frame broke a protocol rule; becomes an ``err`` frame with ``code``.
 
     ``request_id`` is the id of the request it answers (0 when the error is not scoped to a
-    request, for example an undecodable frame).
+    request, for example an undecodable frame). ``limit`` names the limit that refused the
+    request, if one did: the gateway counts it (``realtime_rate_limited_total``).
     """
 
-    def __init__(self, code: ErrorCode, message: str, request_id: int = 0) -> None:
+    def __init__(
+        self, code: ErrorCode, message: str, request_id: int = 0, limit: Limit | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.request_id = request_id
+        self.limit = limit
 
     def __repr__(self) -> str:
         return f"ProtocolError({self.code.value}, {self.message!r}, request_id={self.request_id})"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from shared.channels import MAX_CHANNEL_LENGTH
 from shared.errors import ErrorCode, ProtocolError
 from shared.frames import BatchMember, Message, PublishFrame
 from shared.history import HistoryOp, HistoryQuery, HistoryResult
+from shared.limits import KeyedBuckets, Limit
 from shared.presence import MemberRecord
 from shared.session import (
     DEFAULT_HISTORY_LIMIT,
@@ -66,6 +68,7 @@ __all__ = [
     "history_query",
     "openapi_document",
     "presence_page",
+    "publish_refusal",
 ]
 
 _INT64_MAX = 2**63 - 1
@@ -341,6 +344,28 @@ def decode_publish(
     return build_message(frame, _publisher(caller, first.clientId), timestamp, limits)
 
 
+def publish_refusal(
+    buckets: KeyedBuckets, caller: Caller, message: Message
+) -> tuple[ProtocolError, int] | None:
+    """Spend the caller's key's publish tokens for ``message`` (one per message: a batch
+    costs one per member, as on a WebSocket), or return the refusal (42900, HTTP 429) and
+    the seconds to wait (``Retry-After``). Every token and REST caller of one key shares
+    its bucket; nothing is stored for a refused publish."""
+    identity = caller.identity
+    bucket = buckets.bucket(f"{identity.app}/{identity.key_name}")
+    cost = len(message.members) or 1
+    if bucket.take(cost):
+        return None
+    wait = bucket.retry_after(cost)
+    error = ProtocolError(
+        ErrorCode.RATE_LIMITED,
+        f"REST publish rate limit of this key: {buckets.rate:g} messages/s, burst "
+        f"{buckets.burst:g}; retry in {wait:.2f} s",
+        limit=Limit.REST_PUBLISH_RATE,
+    )
+    return error, max(1, math.ceil(wait))
+
+
 def encode_publish_result(message: Message, serial: int) -> bytes:
     """The 201 body: the message id and, unless ephemeral, its serial (the original one for
     a duplicate ``id``)."""
@@ -515,6 +540,7 @@ _ERROR_STATUSES = {
     "400": "bad request (40001): malformed JSON, wrong types, unknown fields, bad channel",
     "401": "missing or invalid credentials (40101), expired token (40102)",
     "403": "not permitted (40300), operation not granted (40301), channel not covered (40302)",
+    "429": "the key's REST publish rate limit (42900); see Retry-After",
     "500": "server error (50000)",
     "503": "backend not ready (50001), retry later",
 }
@@ -619,7 +645,7 @@ def openapi_document(limits: Limits) -> dict[str, Any]:
                             "stored (or, without serial, ephemeral); a duplicate id "
                             "answers the original serial",
                         ),
-                        **_errors(*errors),
+                        **_errors(*errors, "429"),
                     },
                 },
                 "get": {

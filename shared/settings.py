@@ -21,9 +21,12 @@ from dataclasses import dataclass, field
 from typing import Any, Self
 
 from shared.auth import ApiKey, Keyring, parse_api_key
+from shared.keys import load_keys_file
 
 __all__ = [
     "DEV_API_KEY",
+    "DEV_KEYS_SECRET",
+    "DEV_TOKEN_SIGNING_KEY",
     "LOG_FORMATS",
     "Settings",
     "parse_bool",
@@ -34,6 +37,10 @@ __all__ = [
 ]
 
 DEV_API_KEY = "dev.root:dev-secret"
+# What `realtime dev` uses unless told otherwise: the SDK examples' legacy token secret, and a
+# key-registry secret. Printed at start; never for production.
+DEV_TOKEN_SIGNING_KEY = "local-dev-key"
+DEV_KEYS_SECRET = "dev-keys-secret"
 LOG_FORMATS = ("text", "json")
 
 _TRUE = frozenset({"true", "1", "yes", "on"})
@@ -150,6 +157,36 @@ class Settings:
     max_channels_per_connection: int = field(
         default=1000, metadata=_env("RT_MAX_CHANNELS", "subscriptions per connection")
     )
+    publish_rate: float = field(
+        default=100.0,
+        metadata=_env(
+            "RT_PUBLISH_RATE", "messages per second one connection may publish, 0 = no limit"
+        ),
+    )
+    publish_burst: int = field(
+        default=1000,
+        metadata=_env("RT_PUBLISH_BURST", "messages a connection may publish at once"),
+    )
+    rest_publish_rate: float = field(
+        default=1000.0,
+        metadata=_env(
+            "RT_REST_PUBLISH_RATE", "REST messages per second per API key per gateway, 0 = any"
+        ),
+    )
+    rest_publish_burst: int = field(
+        default=2000,
+        metadata=_env("RT_REST_PUBLISH_BURST", "REST messages one API key may publish at once"),
+    )
+    max_connections_per_app: int = field(
+        default=0,
+        metadata=_env("RT_MAX_CONNECTIONS_PER_APP", "connections per app per gateway, 0 = any"),
+    )
+    max_longpoll_sessions_per_app: int = field(
+        default=0,
+        metadata=_env(
+            "RT_MAX_LONGPOLL_SESSIONS_PER_APP", "long-poll sessions per app per gateway, 0 = any"
+        ),
+    )
     outbox_max_bytes: int = field(
         default=4 * 1024 * 1024,
         metadata=_env(
@@ -214,6 +251,25 @@ class Settings:
         default=24 * 3600.0,
         metadata=_env("RT_TOKEN_MAX_TTL_S", "longest token lifetime accepted (exp - iat)"),
     )
+    keys_file: str = field(
+        default="",
+        metadata=_env("RT_KEYS_FILE", "JSON file of static keys with capabilities"),
+    )
+    keys_bucket: str = field(
+        default="rt_keys", metadata=_env("RT_KEYS_BUCKET", "KV bucket of the key registry")
+    )
+    keys_secret: str = field(
+        default="",
+        metadata=_env("RT_KEYS_SECRET", "seals registry key secrets; registry off when empty"),
+    )
+    key_rotation_grace_s: float = field(
+        default=3600.0,
+        metadata=_env("RT_KEY_ROTATION_GRACE_S", "old secret still accepted after a rotation"),
+    )
+    token_signing_key: str = field(
+        default="",
+        metadata=_env("RT_TOKEN_SIGNING_KEY", "server-wide secret of legacy dev tokens"),
+    )
     request_timeout_s: float = field(
         default=2.0, metadata=_env("RT_REQUEST_TIMEOUT_S", "NATS request timeout (history, acks)")
     )
@@ -228,6 +284,18 @@ class Settings:
         # before the process has started anything.
         if self.log_format.lower() not in LOG_FORMATS:
             raise ValueError(f"RT_LOG_FORMAT={self.log_format!r}: expected text or json")
+        for rate, burst, names in (
+            (self.publish_rate, self.publish_burst, ("RT_PUBLISH_RATE", "RT_PUBLISH_BURST")),
+            (
+                self.rest_publish_rate,
+                self.rest_publish_burst,
+                ("RT_REST_PUBLISH_RATE", "RT_REST_PUBLISH_BURST"),
+            ),
+        ):
+            if rate < 0:
+                raise ValueError(f"{names[0]}={rate!r}: expected 0 (no limit) or more")
+            if rate > 0 and burst < 1:
+                raise ValueError(f"{names[1]}={burst!r}: expected 1 or more")
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Self:
@@ -264,9 +332,13 @@ class Settings:
         return self.retention_max_age_s > 0 or self.retention_max_bytes > 0
 
     def keys(self) -> list[ApiKey]:
-        """Parse ``api_keys``; raise ``ValueError`` naming a malformed key."""
-        return [parse_api_key(text) for text in split_list(self.api_keys)]
+        """The static keys: ``api_keys`` (allow-all) and those of ``keys_file`` (with their
+        capabilities); raise ``ValueError`` naming a malformed key."""
+        keys = [parse_api_key(text) for text in split_list(self.api_keys)]
+        if self.keys_file:
+            keys += load_keys_file(self.keys_file)
+        return keys
 
     def keyring(self) -> Keyring:
-        """The keyring built from ``api_keys``."""
-        return Keyring(self.keys(), self.token_max_ttl_s)
+        """The keyring of the static keys (the registry adds its keys while running)."""
+        return Keyring(self.keys(), self.token_max_ttl_s, self.token_signing_key)

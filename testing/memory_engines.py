@@ -19,6 +19,7 @@ from shared.binary_codec import decode_member, encode_member, member_with_serial
 from shared.errors import ErrorCode, ProtocolError
 from shared.frames import Message, PresenceAction, PresenceEventFrame
 from shared.history import HistoryOp, HistoryQuery, HistoryResult
+from shared.limits import Limit
 from shared.presence import ChannelMembers, MemberRecord
 
 __all__ = ["MemoryBus", "MemoryPresence"]
@@ -199,7 +200,9 @@ class MemoryPresence:
             return
         if connection_id not in entry.members.members and len(entry.members) >= self.max_members:
             raise ProtocolError(
-                ErrorCode.RATE_LIMITED, f"channel {channel!r} has {self.max_members} members"
+                ErrorCode.RATE_LIMITED,
+                f"channel {channel!r} has {self.max_members} members",
+                limit=Limit.PRESENCE_MEMBERS,
             )
         record = MemberRecord(identity.client_id, connection_id, data, encoding, _now_ms())
         owned.channels[channel] = record

@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import socket
 import struct
+import subprocess
+import sys
 import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +39,59 @@ from testing.cluster import (  # noqa: F401 - re-exported for the tests
     wait_for_port,
     wait_ready,
 )
+
+# ---- a cluster with the key registry on (issue 12) ----
+
+KEYS_SECRET = "test-keys-secret"
+SIGNING_KEY = "test-legacy-signing-key"
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class KeyedCluster:
+    """nats-server and two gateways with the key registry (``RT_KEYS_SECRET``) and legacy
+    development tokens (``RT_TOKEN_SIGNING_KEY``) on; keys are made with the real CLI."""
+
+    nats: NatsServer
+    a: Service
+    b: Service
+
+    @classmethod
+    @contextlib.contextmanager
+    def running(cls) -> Iterator[KeyedCluster]:
+        nats_server = start_nats()
+        env = {"RT_KEYS_SECRET": KEYS_SECRET, "RT_TOKEN_SIGNING_KEY": SIGNING_KEY}
+        gateways = [start_service("gateway", nats_server.url, env=env) for _ in range(2)]
+        try:
+            for gateway in gateways:
+                wait_ready(gateway.port)
+            yield cls(nats_server, *gateways)
+        finally:
+            for gateway in gateways:
+                gateway.stop()
+            nats_server.stop()
+
+    def keys_command(self, *arguments: str) -> list[str]:
+        """The ``realtime keys ...`` command line, as an operator would type it."""
+        return [sys.executable, "-m", "realtime", "keys", "--nats", self.nats.url, *arguments]
+
+    def keys(self, *arguments: str, secret: str = KEYS_SECRET) -> subprocess.CompletedProcess[str]:
+        """Run ``realtime keys ...``."""
+        return subprocess.run(
+            self.keys_command(*arguments),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=dict(os.environ, RT_KEYS_SECRET=secret),
+            cwd=_ROOT,
+        )
+
+    def create(self, *arguments: str) -> str:
+        """``realtime keys create ...``; the new key (its output's last line)."""
+        result = self.keys("create", *arguments)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip().splitlines()[-1]
+
 
 # ---- clients ----
 

@@ -3,12 +3,13 @@ every scenario over both transports: WebSocket and HTTP long-polling (issue 11).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from tests.interop.sdk import run_node
-from tests.support import APP_KEY, Cluster
+from tests.support import APP_KEY, Cluster, Service, start_service, wait_ready
 
 TRANSPORTS = ("websocket", "long-polling")
 
@@ -131,3 +132,45 @@ def test_resume_after_missing_1500_messages_on_a_quiet_channel(cluster: Cluster)
     result = scenario(cluster, "resume-backlog")
     assert result["received"] == list(range(1501))
     assert result["state"] == "connected"
+
+
+@pytest.fixture(scope="module")
+def limited_gateway(cluster: Cluster) -> Iterator[Service]:
+    """A third gateway on the cluster's NATS whose connections may publish 5 messages at
+    once, then 5 per second (the cluster's gateways keep the defaults)."""
+    service = start_service(
+        "gateway", cluster.nats.url, env={"RT_PUBLISH_RATE": "5", "RT_PUBLISH_BURST": "5"}
+    )
+    try:
+        wait_ready(service.port)
+        yield service
+    finally:
+        service.stop()
+
+
+def test_publishing_too_fast_rejects_the_excess_with_42900_and_stays_connected(
+    cluster: Cluster, limited_gateway: Service
+) -> None:
+    """Issue 12 item 5: the SDK publishing faster than its connection's rate sees 42900 on
+    each excess publish, stays connected on the same connection, and publishes again once
+    the bucket refills; subscribers get the accepted messages only. (Each refusal holds the
+    connection's input for a token's time, 0.2 s here, so after the burst about every
+    other publish of a client that awaits each one is refused.)"""
+    result = run_node(
+        "interop.mjs",
+        "publish-rate",
+        RT_A=cluster.a.url,
+        RT_B=cluster.b.url,
+        RT_KEY=APP_KEY,
+        RT_LIMITED=limited_gateway.url,
+    )
+    outcomes = result["outcomes"]
+    assert outcomes[:5] == ["ok"] * 5, outcomes  # the burst
+    assert "server error 42900" in outcomes[5], outcomes  # the first publish beyond it
+    refused = [outcome for outcome in outcomes if outcome != "ok"]
+    assert len(refused) >= 6, outcomes  # 15 publishes after the burst, ~3 s at 5/s
+    assert all("server error 42900" in outcome for outcome in refused), refused
+    assert result["afterPause"] is None
+    assert result["states"] == [] and result["state"] == "connected"
+    assert result["sameConnection"] is True
+    assert result["received"] == [*result["accepted"], "after"]

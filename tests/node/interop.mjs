@@ -89,8 +89,18 @@ async function tcpProxy(target) {
   };
 }
 
-/** Publish data first..last on ``name`` as single JSON publishes, pipelined, until acked. */
+/**
+ * Publish data first..last on ``name`` as single JSON publishes, pipelined, until acked. At
+ * most 500 per connection, one connection after the other (order kept): a connection may
+ * publish RT_PUBLISH_BURST (1,000) messages at once, then RT_PUBLISH_RATE (100) per second.
+ */
 async function publishRaw(endpoint, name, first, last) {
+  for (let start = first; start <= last; start += 500) {
+    await publishRawOnce(endpoint, name, start, Math.min(last, start + 499));
+  }
+}
+
+async function publishRawOnce(endpoint, name, first, last) {
   const socket = new WebSocket(endpoint);
   await new Promise((resolve, reject) => {
     socket.once('open', resolve);
@@ -410,6 +420,49 @@ const scenarios = {
     };
     result.stateAfter = realtime.getState();
     await realtime.close();
+    return result;
+  },
+
+  async 'publish-rate'() {
+    // RT_LIMITED: a gateway allowing each connection 5 publishes at once, then 5 per second.
+    // The SDK publishes one message at a time, faster than that: the excess publishes reject
+    // with 42900 (each refusal holds the connection's input for a token's time, so about
+    // every other one after the burst) while the connection stays connected, and nothing
+    // refused is delivered.
+    const name = `rate:${run}`;
+    const subscriber = client(A, { clientId: 'sdk-rate-sub' });
+    const received = [];
+    const channel = subscriber.channels.get(name);
+    channel.subscribe((message) => received.push(message.data));
+    await channel.attach();
+    const publisher = client(process.env.RT_LIMITED, { clientId: 'sdk-rate-pub' });
+    await publisher.connect();
+    const connectionId = publisher.getConnectionId();
+    const states = [];
+    publisher.connection.on((state) => states.push(state));
+    const out = publisher.channels.get(name);
+    const outcomes = [];
+    for (let index = 0; index < 20; index++) {
+      const error = await errorOf(out.publish('n', index));
+      outcomes.push(error === null ? 'ok' : error.message);
+    }
+    const accepted = outcomes.flatMap((outcome, index) => (outcome === 'ok' ? [index] : []));
+    // A token comes back after 200 ms: publishing works again on the same connection.
+    await new Promise((resolve) => setTimeout(resolve, 400));
+    const afterPause = await errorOf(out.publish('n', 'after'));
+    await until(() => received.length >= accepted.length + 1, 'the accepted messages');
+    await new Promise((resolve) => setTimeout(resolve, 200)); // a refused one would show now
+    const result = {
+      outcomes,
+      accepted,
+      afterPause,
+      received: [...received],
+      states: [...states], // before close() adds its own
+      state: publisher.getState(),
+      sameConnection: publisher.getConnectionId() === connectionId,
+    };
+    await publisher.close();
+    await subscriber.close();
     return result;
   },
 
