@@ -6,6 +6,7 @@ import http from 'node:http';
 import net from 'node:net';
 import { Realtime, createJwt, generateRandomKey } from '@foony/realtime';
 import WebSocket from 'ws';
+import { deadline, errorOf, until } from './helpers.mjs';
 
 const A = process.env.RT_A;
 const B = process.env.RT_B;
@@ -22,27 +23,6 @@ function client(endpoint, options = {}) {
     ...(options.token || options.authCallback ? {} : { key: KEY }),
     ...options,
   });
-}
-
-function deadline(ms, what) {
-  return new Promise((_, reject) => setTimeout(() => reject(new Error(`timed out: ${what}`)), ms));
-}
-
-async function until(predicate, what, ms = 10000) {
-  const started = Date.now();
-  while (!predicate()) {
-    if (Date.now() - started > ms) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((resolve) => setTimeout(resolve, 10));
-  }
-}
-
-async function errorOf(promise) {
-  try {
-    await Promise.race([promise, deadline(10000, 'request')]);
-    return null;
-  } catch (error) {
-    return { message: String(error.message), code: error.code ?? null };
-  }
 }
 
 function view(message) {

@@ -6,6 +6,7 @@
 import { execFileSync } from 'node:child_process';
 import { Realtime } from '@foony/realtime';
 import WebSocket from 'ws';
+import { deadline, errorOf, until } from './helpers.mjs';
 
 const A = process.env.RT_A;
 const B = process.env.RT_B;
@@ -15,23 +16,6 @@ const run = Math.random().toString(36).slice(2, 10);
 
 function client(endpoint, options = {}) {
   return new Realtime({ endpoint, key: KEY, webSocket: WebSocket, transport: TRANSPORT, ...options });
-}
-
-async function until(predicate, what, ms = 10000) {
-  const started = Date.now();
-  while (!predicate()) {
-    if (Date.now() - started > ms) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((resolve) => setTimeout(resolve, 10));
-  }
-}
-
-async function errorOf(promise) {
-  try {
-    await promise;
-    return null;
-  } catch (error) {
-    return { message: String(error.message), code: error.code ?? null };
-  }
 }
 
 const scenarios = {

@@ -4,6 +4,7 @@
 // (tests/interop/test_sdk_rest.py) makes the assertions.
 import { Realtime, Rest } from '@foony/realtime';
 import WebSocket from 'ws';
+import { deadline, errorOf, until } from './helpers.mjs';
 
 const A = process.env.RT_A;
 const B = process.env.RT_B;
@@ -24,33 +25,6 @@ function realtime(endpoint, options = {}) {
 
 function rest(endpoint, options = {}) {
   return new Rest({ endpoint: httpOf(endpoint), ...(options.token || options.authCallback ? {} : { key: KEY }), ...options });
-}
-
-function deadline(ms, what) {
-  return new Promise((_, reject) => setTimeout(() => reject(new Error(`timed out: ${what}`)), ms));
-}
-
-async function until(predicate, what, ms = 10000) {
-  const started = Date.now();
-  while (!predicate()) {
-    if (Date.now() - started > ms) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((resolve) => setTimeout(resolve, 10));
-  }
-}
-
-/** The RestError (or other error) a promise rejects with, as plain data; null if it resolves. */
-async function errorOf(promise) {
-  try {
-    await Promise.race([promise, deadline(10000, 'request')]);
-    return null;
-  } catch (error) {
-    return {
-      name: error.name,
-      message: String(error.message),
-      code: error.code ?? null,
-      statusCode: error.statusCode ?? null,
-    };
-  }
 }
 
 function view(message) {
