@@ -20,7 +20,14 @@ from bench.wsclient import Counter, connect_many
 from shared import binary_codec
 from shared.frames import AuthFrame, PublishFrame, SubscribeFrame
 
-__all__ = ["LoadProcesses", "PublisherProcess", "SubscriberSpec", "measure_rate", "percentile"]
+__all__ = [
+    "LoadProcesses",
+    "PublisherProcess",
+    "SubscriberSpec",
+    "measure_rate",
+    "percentile",
+    "settle",
+]
 
 PAYLOAD_BYTES = 150
 NATS_SUBJECT = "bench.fanout"
@@ -329,3 +336,13 @@ def summarize_latency(latencies: list[float]) -> dict[str, float]:
         "p99_ms": round(percentile(latencies, 0.99), 3),
         "samples": len(latencies),
     }
+
+
+def settle(pids: dict[str, int], timeout: float = 30.0) -> None:
+    """Wait until the processes are idle (a previous overload has drained)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        time.sleep(0.5)
+        if all(cpu_seconds(pid) - before[name] < 0.05 for name, pid in pids.items()):
+            return

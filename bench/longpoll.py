@@ -20,9 +20,9 @@ from bench.fanout import (
     PublisherProcess,
     SubscriberSpec,
     measure_rate,
+    settle,
     summarize_latency,
 )
-from bench.run import settle
 from testing.cluster import APP_KEY, Cluster, running_cluster
 
 __all__ = ["main"]

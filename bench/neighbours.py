@@ -23,8 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from bench.cpu import cpu_seconds
-from bench.fanout import LoadProcesses, PublisherProcess, SubscriberSpec, summarize_latency
-from bench.run import settle
+from bench.fanout import (
+    LoadProcesses,
+    PublisherProcess,
+    SubscriberSpec,
+    settle,
+    summarize_latency,
+)
 from testing.cluster import APP_KEY, Cluster, running_cluster
 
 __all__ = ["main"]

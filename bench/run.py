@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from bench import history as history_bench
+from bench import longpoll as longpoll_bench
 from bench import publish as publish_bench
-from bench.cpu import cpu_seconds
 from bench.fanout import (
     LoadProcesses,
     PublisherProcess,
     SubscriberSpec,
     measure_rate,
+    settle,
     summarize_latency,
 )
 from realtime.dev import find_nats_server
@@ -121,16 +122,6 @@ def fanout(
             **summarize_latency(latencies[len(latencies) // 10 :]),
         }
     return result
-
-
-def settle(pids: dict[str, int], timeout: float = 30.0) -> None:
-    """Wait until the processes are idle (a previous overload has drained)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-        time.sleep(0.5)
-        if all(cpu_seconds(pid) - before[name] < 0.05 for name, pid in pids.items()):
-            return
 
 
 def many_channels(cluster: Cluster, channels: int, seconds: float, runs: int) -> dict[str, Any]:
@@ -440,6 +431,10 @@ def main(argv: list[str] | None = None) -> None:
             json.dumps({k: v for k, v in results["references"].items() if str(size) in k}),
             flush=True,
         )
+    print("long-polling ...", flush=True)
+    results["longpoll"] = longpoll_bench.main(
+        ["--seconds", str(seconds), "--rates", "10" if quick else "10,50"]
+    )
     print("publish ...", flush=True)
     publish = publish_bench.main(["--seconds", str(seconds), "--runs", str(runs)])
     results["publish"] = publish["median"]
