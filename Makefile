@@ -8,7 +8,7 @@ NODE_STAMP := tests/node_modules/.installed-stamp
 CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install dev test lint unit bench bench-quick clean
+.PHONY: install dev test test-image lint unit bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,19 @@ lint: $(STAMP)
 
 test: install lint
 	$(BIN)/pytest
+
+# The image, built and run for real: Debian's docker.io (a private dockerd with no bridge and
+# no iptables; containers use --network host), the Dockerfile's base image made with
+# debootstrap, dependencies from a wheelhouse built here (no index reachable from builds).
+IMAGE_STATE := .image-test
+IMAGE_DOCKER := DOCKER_HOST=unix://$(CURDIR)/$(IMAGE_STATE)/docker.sock /usr/bin/docker
+
+test-image: install
+	$(SUDO) deploy/image-env.sh $(IMAGE_STATE) > /dev/null
+	$(BIN)/pip wheel --quiet --wheel-dir deploy/wheelhouse . setuptools
+	$(IMAGE_DOCKER) build --quiet --network host -f deploy/Dockerfile \
+	  --build-arg PIP_NO_INDEX=1 -t realtime:latest .
+	DOCKER_HOST=unix://$(CURDIR)/$(IMAGE_STATE)/docker.sock $(BIN)/pytest -p no:cacheprovider deploy/test_image.py
 
 unit: $(STAMP)
 	$(BIN)/pytest tests/unit
