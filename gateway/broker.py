@@ -213,6 +213,9 @@ class Broker:
             queue.draining = True
             try:
                 return await self._store(subject, payload, message_dedup_id)
+            except BaseException:
+                _fail_behind(queue)
+                raise
             finally:
                 self._hand_off(subject, queue)
         pending = _Pending(payload, message_dedup_id, asyncio.get_running_loop().create_future())
@@ -248,6 +251,7 @@ class Broker:
                     for pending in group:
                         if not pending.serial.done():
                             pending.serial.set_exception(error)
+                    _fail_behind(queue)
                     continue
                 for pending, serial in zip(group, serials, strict=True):
                     if not pending.serial.done():
@@ -404,6 +408,22 @@ async def _back_off(attempt: int) -> None:
     queue up and the next try stores them all in one batch."""
     if attempt:
         await asyncio.sleep(random.uniform(0, min(0.05, 0.0005 * 2**attempt)))
+
+
+def _fail_behind(queue: _ChannelQueue) -> None:
+    """A store failed (a NATS node died, the stream was unavailable): fail everything queued
+    behind it on the channel too. Stored later, they would overtake the failed publish, whose
+    resend would then land after them; failed, they are resent by the client in order
+    (docs/GUARANTEES.md, per-connection order)."""
+    while queue.waiting:
+        pending = queue.waiting.popleft()
+        if not pending.serial.done():
+            pending.serial.set_exception(
+                ProtocolError(
+                    ErrorCode.SERVER,
+                    "not stored: an earlier publish on this channel failed; resend in order",
+                )
+            )
 
 
 def _take_group(waiting: deque[_Pending]) -> list[_Pending]:
