@@ -34,6 +34,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
+from gateway.metrics import METRICS
 from nats_adapter.bootstrap import bootstrap
 from nats_adapter.connect import connect
 from nats_adapter.direct import direct_get
@@ -50,12 +51,32 @@ __all__ = ["SERIAL_HEADER", "Broker", "dedup_id"]
 log = logging.getLogger(__name__)
 
 _WRONG_LAST_SEQUENCE = 10071
+# A replicated stream answers a lost race with this code instead when the channel's previous
+# store is still being replicated (nats-server: "wrong last sequence", no number). The fault
+# suite found it refused as an error (50000) under R3 whenever two stores of a channel met.
+_WRONG_LAST_SEQUENCE_CLUSTERED = 10164
+# And a resend that arrives while its first attempt is still being replicated is refused
+# with this one ("duplicate message id is in process"): that attempt may yet land, so it is
+# handled like a conflict (look at the tail, back off, retry; the retry then finds the
+# duplicate) instead of failing the publish.
+_DUPLICATE_IN_PROCESS = 10158
+_CONFLICTS = frozenset(
+    {_WRONG_LAST_SEQUENCE, _WRONG_LAST_SEQUENCE_CLUSTERED, _DUPLICATE_IN_PROCESS}
+)
+# A duplicate's serial is read back by stream sequence; a replica that has not applied it
+# yet answers "not found", so the read is retried (replicas catch up within milliseconds).
+_SERIAL_READS = 20
+_SERIAL_READ_WAIT_S = 0.05
 _BATCH_HAS_DUPLICATE = 10201
 _MAX_PUBLISH_ATTEMPTS = 100
 _CACHED_CHANNELS = 100_000
 # A group is sent as one atomic batch; JetStream caps batches at 1,000 messages.
 _MAX_GROUP_MESSAGES = 256
 _MAX_GROUP_BYTES = 512 * 1024
+# After a client's store on a channel failed, its later publishes there are refused until it
+# resent what failed, for at most this long (see ``_Fence``).
+_FENCE_S = 5.0
+_FENCES_PRUNED_ABOVE = 10_000
 
 
 def dedup_id(app: str, channel: str, client_id: str, message_id: str) -> str:
@@ -78,6 +99,22 @@ class _Pending:
     payload: bytes
     dedup_id: str
     serial: asyncio.Future[int]
+    client_id: str = ""
+
+
+@dataclass(slots=True)
+class _Fence:
+    """Per-connection order through a failure. When a client's store on a channel fails, the
+    publishes it sent after that one may already be on their way; stored, they would
+    overtake the failed one, whose resend then lands after them (issue 14: failing what is
+    queued behind is not enough, a publish arriving a moment later was stored first). So
+    the client's later publishes on the channel are refused too, until it has resent every
+    publish that failed (a resend, same messageId, passes), or ``_FENCE_S`` after the last
+    failure, so that a client that never resends (the SDK rejects the publish instead) is
+    not refused for long."""
+
+    failed: set[str]
+    until: float
 
 
 class _ChannelQueue:
@@ -100,6 +137,7 @@ class Broker:
         self.ready = asyncio.Event()
         self._tails: OrderedDict[str, _ChannelTail] = OrderedDict()
         self._queues: dict[str, _ChannelQueue] = {}
+        self._fences: dict[tuple[str, str], _Fence] = {}  # by (subject, clientId)
         self._drains: set[asyncio.Task[None]] = set()
         self.requests: ReplyMux | None = None
         self._task: asyncio.Task[None] | None = None
@@ -135,6 +173,7 @@ class Broker:
             log.warning("NATS disconnected")
 
         async def on_reconnected() -> None:
+            METRICS.nats_reconnects.inc()
             log.info("NATS reconnected")
 
         self.nc = await connect(
@@ -199,13 +238,22 @@ class Broker:
 
         A resend of an already stored ``message_id`` returns the original serial.
         """
-        nc = self.client()
         payload = encode_member(message)
         if message.ephemeral:
-            await nc.publish(subjects.live_subject(app, message.channel), payload)
+            await self.client().publish(subjects.live_subject(app, message.channel), payload)
             return 0
         subject = subjects.stored_subject(app, message.channel)
         message_dedup_id = dedup_id(app, message.channel, message.client_id, message.message_id)
+        if self._fenced(subject, message.client_id, message_dedup_id):
+            raise ProtocolError(
+                ErrorCode.SERVER,
+                "not stored: an earlier publish of yours on this channel failed; resend it first",
+            )
+        try:
+            self.client()  # 50001 while NATS is away: a failure like any other, so fenced
+        except ProtocolError:
+            self._fence(subject, message.client_id, message_dedup_id)
+            raise
         queue = self._queues.get(subject)
         if queue is None:
             # Nothing in flight for this channel here: store inline, without a task.
@@ -214,11 +262,17 @@ class Broker:
             try:
                 return await self._store(subject, payload, message_dedup_id)
             except BaseException:
-                _fail_behind(queue)
+                self._fence(subject, message.client_id, message_dedup_id)
+                self._fail_behind(subject, queue)
                 raise
             finally:
                 self._hand_off(subject, queue)
-        pending = _Pending(payload, message_dedup_id, asyncio.get_running_loop().create_future())
+        pending = _Pending(
+            payload,
+            message_dedup_id,
+            asyncio.get_running_loop().create_future(),
+            message.client_id,
+        )
         queue.waiting.append(pending)
         if not queue.draining:
             queue.draining = True
@@ -249,9 +303,10 @@ class Broker:
                         serials = await self._store_batch(subject, group)
                 except Exception as error:
                     for pending in group:
+                        self._fence(subject, pending.client_id, pending.dedup_id)
                         if not pending.serial.done():
                             pending.serial.set_exception(error)
-                    _fail_behind(queue)
+                    self._fail_behind(subject, queue)
                     continue
                 for pending, serial in zip(group, serials, strict=True):
                     if not pending.serial.done():
@@ -291,12 +346,14 @@ class Broker:
             error = answer.get("error")
             if error is None:
                 last_serial = tail.serial + len(group)
-                self._remember(subject, _ChannelTail(int(answer["seq"]), last_serial))
+                self._remember(
+                    subject, _ChannelTail(int(answer["seq"]), last_serial, group[-1].dedup_id)
+                )
                 return list(range(tail.serial + 1, last_serial + 1))
             code = error.get("err_code")
             if code == _BATCH_HAS_DUPLICATE:
                 return [await self._store(subject, p.payload, p.dedup_id) for p in group]
-            if code != _WRONG_LAST_SEQUENCE:
+            if code not in _CONFLICTS:
                 raise ProtocolError(ErrorCode.SERVER, f"batch not stored: {error}")
             # Someone else stored first, or our commit did land and its reply was lost.
             self._tails.pop(subject, None)
@@ -309,6 +366,10 @@ class Broker:
     async def _store(self, subject: str, payload: bytes, message_dedup_id: str) -> int:
         for attempt in range(_MAX_PUBLISH_ATTEMPTS):
             tail = self._tails.get(subject) or await self._load_tail(subject)
+            if tail.dedup_id == message_dedup_id:
+                # A resend of the channel's newest message (its ack was lost): JetStream's
+                # dedup forgets ids after the window, the tail does not.
+                return tail.serial
             serial = tail.serial + 1
             headers = {
                 "Nats-Msg-Id": message_dedup_id,
@@ -320,9 +381,9 @@ class Broker:
             if error is None:
                 if answer.get("duplicate"):
                     return await self._serial_at(int(answer["seq"]))
-                self._remember(subject, _ChannelTail(int(answer["seq"]), serial))
+                self._remember(subject, _ChannelTail(int(answer["seq"]), serial, message_dedup_id))
                 return serial
-            if error.get("err_code") != _WRONG_LAST_SEQUENCE:
+            if error.get("err_code") not in _CONFLICTS:
                 raise ProtocolError(ErrorCode.SERVER, f"publish not stored: {error}")
             # Another publisher stored first, or our earlier attempt did and its ack was
             # lost (the sequence check runs before dedup): look at the channel's tail.
@@ -377,8 +438,19 @@ class Broker:
         return int(((reply.headers or {}) if reply else {}).get(SERIAL_HEADER, 0) or 0)
 
     async def _serial_at(self, stream_sequence: int) -> int:
-        reply = await self._direct_get(self.settings.stream_name, request={"seq": stream_sequence})
-        return int(((reply.headers or {}) if reply else {}).get(SERIAL_HEADER, 0))
+        """The serial of the message at ``stream_sequence`` (a duplicate's original). Direct
+        gets are answered by any replica, and one that is behind (a node back from a crash
+        or a partition) does not have it yet: ask again rather than ack serial 0, which the
+        fault suite caught after a partition healed."""
+        for _ in range(_SERIAL_READS):
+            reply = await self._direct_get(
+                self.settings.stream_name, request={"seq": stream_sequence}
+            )
+            serial = int(((reply.headers or {}) if reply else {}).get(SERIAL_HEADER, 0))
+            if serial:
+                return serial
+            await asyncio.sleep(_SERIAL_READ_WAIT_S)
+        raise ProtocolError(ErrorCode.SERVER, "stored, but its serial is not readable yet; resend")
 
     async def _direct_get(
         self, stream: str, *, subject: str = "", request: dict[str, object] | None = None
@@ -395,6 +467,56 @@ class Broker:
         except RequestTimeout:
             raise ProtocolError(ErrorCode.SERVER, "message stream did not answer") from None
 
+    # ---- per-connection order through failures ----
+
+    def _fence(self, subject: str, client_id: str, message_dedup_id: str) -> None:
+        """``message_dedup_id`` of ``client_id`` failed on ``subject``: hold its later ones."""
+        if not client_id:
+            return  # anonymous REST publishes: no connection whose order to keep
+        now = asyncio.get_running_loop().time()
+        key = (subject, client_id)
+        fence = self._fences.get(key)
+        if fence is None or fence.until <= now:
+            if len(self._fences) >= _FENCES_PRUNED_ABOVE:
+                for stale in [k for k, f in self._fences.items() if f.until <= now]:
+                    del self._fences[stale]
+            fence = self._fences[key] = _Fence(set(), 0.0)
+        fence.failed.add(message_dedup_id)
+        fence.until = now + _FENCE_S
+
+    def _fenced(self, subject: str, client_id: str, message_dedup_id: str) -> bool:
+        """True when this publish must be refused: its client has publishes on ``subject``
+        that failed and were not resent yet (a resend of one of them passes)."""
+        key = (subject, client_id)
+        fence = self._fences.get(key)
+        if fence is None:
+            return False
+        if fence.until <= asyncio.get_running_loop().time():
+            del self._fences[key]
+            return False
+        if message_dedup_id not in fence.failed:
+            return True
+        fence.failed.discard(message_dedup_id)
+        if not fence.failed:
+            del self._fences[key]
+        return False
+
+    def _fail_behind(self, subject: str, queue: _ChannelQueue) -> None:
+        """A store failed (a NATS node died, the stream was unavailable): fail everything
+        queued behind it on the channel too. Stored later, they would overtake the failed
+        publish, whose resend would then land after them; failed (and fenced), they are
+        resent by the client in order (docs/GUARANTEES.md, per-connection order)."""
+        while queue.waiting:
+            pending = queue.waiting.popleft()
+            if not pending.serial.done():
+                self._fence(subject, pending.client_id, pending.dedup_id)
+                pending.serial.set_exception(
+                    ProtocolError(
+                        ErrorCode.SERVER,
+                        "not stored: an earlier publish on this channel failed; resend in order",
+                    )
+                )
+
     def _remember(self, subject: str, tail: _ChannelTail) -> None:
         self._tails[subject] = tail
         self._tails.move_to_end(subject)
@@ -408,22 +530,6 @@ async def _back_off(attempt: int) -> None:
     queue up and the next try stores them all in one batch."""
     if attempt:
         await asyncio.sleep(random.uniform(0, min(0.05, 0.0005 * 2**attempt)))
-
-
-def _fail_behind(queue: _ChannelQueue) -> None:
-    """A store failed (a NATS node died, the stream was unavailable): fail everything queued
-    behind it on the channel too. Stored later, they would overtake the failed publish, whose
-    resend would then land after them; failed, they are resent by the client in order
-    (docs/GUARANTEES.md, per-connection order)."""
-    while queue.waiting:
-        pending = queue.waiting.popleft()
-        if not pending.serial.done():
-            pending.serial.set_exception(
-                ProtocolError(
-                    ErrorCode.SERVER,
-                    "not stored: an earlier publish on this channel failed; resend in order",
-                )
-            )
 
 
 def _take_group(waiting: deque[_Pending]) -> list[_Pending]:

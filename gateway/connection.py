@@ -19,6 +19,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from nats.errors import Error as NatsError
+from prometheus_client import Gauge
 
 from gateway.fanout import Delivery
 from gateway.metrics import METRICS
@@ -80,7 +81,12 @@ class Connection:
         self._in_flight = asyncio.Semaphore(_MAX_IN_FLIGHT)
         self._replay_gates: dict[str, ReplayGate[Delivery]] = {}
         self._expiry: asyncio.TimerHandle | None = None
-        METRICS.connections.labels(transport).inc()
+        # Publishes sent to the broker whose ack is not queued yet: a drain waits for them,
+        # so a client closed by a draining gateway gets the acks of what it already sent.
+        self._publishing: set[asyncio.Task[None]] = set()
+        # The ``realtime_connections`` child counted once the handshake succeeded.
+        self._counted: Gauge | None = None
+        METRICS.opened[transport].inc()
 
     # ---- input ----
 
@@ -105,8 +111,14 @@ class Connection:
         """True after a successful handshake, until close."""
         return self.session.state is SessionState.CONNECTED
 
+    @property
+    def wants_json(self) -> bool:
+        """True when live messages go out as JSON text (the router counts bytes by codec)."""
+        return self.session.codec is Codec.JSON
+
     async def receive(self, data: bytes, is_text: bool) -> None:
         """Handle one client message (a WebSocket message or a long-poll body)."""
+        METRICS.received_bytes.value += len(data)
         commands = self.session.receive_message(data, is_text)
         self.outbox.coalesce = self.session.codec is Codec.BINARY
         for command in commands:
@@ -114,6 +126,7 @@ class Connection:
 
     async def receive_body(self, data: bytes) -> None:
         """Handle one long-poll body (binary records, concatenated)."""
+        METRICS.received_bytes.value += len(data)
         for command in self.session.receive_body(data):
             await self._execute(command)
 
@@ -126,7 +139,9 @@ class Connection:
             # Waiting here (not in the task) pushes back on a client that floods publishes,
             # and keeps per-channel order: tasks reach the broker's channel queue in order.
             await self._in_flight.acquire()
-            self._spawn(self._publish(command))
+            task = self._spawn(self._publish(command, time.perf_counter()))
+            self._publishing.add(task)
+            task.add_done_callback(self._publishing.discard)
         elif isinstance(command, ReadHistory):
             await self._in_flight.acquire()
             self._spawn(self._read_history(command))
@@ -149,7 +164,9 @@ class Connection:
         """Queue a reply frame."""
         if isinstance(frame, ErrorFrame):
             METRICS.error_frame(frame.code)
-        self.outbox.put(self.session.encode(frame))
+        data = self.session.encode(frame)
+        METRICS.sent_bytes.value += len(data)
+        self.outbox.put(data)
 
     def refuse(self, error: ProtocolError, request_id: int) -> None:
         """Answer request ``request_id`` with ``error`` (counted when a limit refused it)."""
@@ -160,24 +177,53 @@ class Connection:
     def send_encoded(self, binary: bytes, text: bytes) -> None:
         """Queue a frame already encoded for both codecs (presence events: one encoding per
         event, whatever the number of watchers)."""
-        self.outbox.put(text if self.session.codec is Codec.JSON else binary)
+        data = text if self.session.codec is Codec.JSON else binary
+        METRICS.sent_bytes.value += len(data)
+        self.outbox.put(data)
 
     def deliver(self, delivery: Delivery) -> None:
-        """Queue a live message (called by the router for every subscriber)."""
+        """Queue a live message (called by the router for every subscriber).
+
+        The router counts the fan-out's deliveries and bytes once, after calling this for
+        every subscriber; what was not queued here (held for a replay, dropped) is taken
+        off its byte count first, in the same callback, so the counter never goes down
+        between two scrapes."""
         gates = self._replay_gates
         if gates:
             gate = gates.get(delivery.message.channel)
             if gate is not None:
                 gate.hold(delivery.message.serial, delivery)
+                held = delivery.json if self.session.codec is Codec.JSON else delivery.binary
+                METRICS.sent_bytes.value -= len(held)  # counted when released
                 return
         data = delivery.json if self.session.codec is Codec.JSON else delivery.binary
         if not self.outbox.offer(data):
-            METRICS.dropped.inc()
+            metrics = METRICS
+            metrics.dropped.value += 1
+            metrics.sent_bytes.value -= len(data)
+
+    def _deliver_held(self, delivery: Delivery) -> None:
+        """Queue a live message held during a replay (the router did not count it)."""
+        data = delivery.json if self.session.codec is Codec.JSON else delivery.binary
+        if self.outbox.offer(data):
+            METRICS.sent_bytes.value += len(data)
+        else:
+            METRICS.dropped.value += 1
 
     def close(self, code: int, reason: str) -> None:
         """Close after what is queued has been written."""
         if self.session.close(code, reason):
             self.outbox.close()
+
+    async def close_settled(self, code: int, reason: str, settle_s: float) -> None:
+        """Close once the publishes already handed to the broker have their acks queued
+        (at most ``settle_s`` seconds): a draining gateway closes its clients this way, so
+        they do not resend what was stored (the resend would be deduplicated, but costs a
+        round trip on the gateway they move to)."""
+        publishing = [task for task in self._publishing if not task.done()]
+        if publishing and not self.is_closing:
+            await asyncio.wait(publishing, timeout=settle_s)
+        self.close(code, reason)
 
     # ---- handshake ----
 
@@ -191,6 +237,7 @@ class Connection:
         except ProtocolError as error:
             # Once per template per interval (the handlers' rate limit): a credential-stuffing
             # client cannot flood the log.
+            METRICS.auth_failure(int(error.code))
             log.info("auth refused (%d): %s", int(error.code), error.message)
             for command in session.reject(error):
                 await self._execute(command)
@@ -201,6 +248,7 @@ class Connection:
         if refusal is None and self.admit is not None:
             refusal = self.admit(identity, predecessor)
         if refusal is not None:
+            METRICS.auth_failure(int(refusal.code))
             log.info("connection refused (%d): %s", int(refusal.code), refusal.message)
             for command in session.reject(refusal):
                 await self._execute(command)
@@ -208,6 +256,8 @@ class Connection:
         if predecessor is not None:
             predecessor.close(CLOSE_NORMAL, "resumed by a new connection")
         services.registry.add(connection_id, self)
+        self._counted = METRICS.connections[self.transport, session.codec is Codec.JSON]
+        self._counted.inc()
         self.send(session.accept(connection_id))
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
@@ -229,21 +279,27 @@ class Connection:
 
     # ---- requests ----
 
-    async def _publish(self, command: Publish) -> None:
+    async def _publish(self, command: Publish, received: float) -> None:
+        """Store one publish and queue its ack; ``received`` is when it was read
+        (``time.perf_counter``), for the publish-to-ack latency."""
         identity = self.session.identity
         assert identity is not None
+        message = command.message
         try:
-            serial = await self.services.broker.publish(identity.app, command.message)
+            serial = await self.services.broker.publish(identity.app, message)
         except ProtocolError as error:
+            METRICS.publish_errors.inc()
             self.refuse(error, command.request_id)
         except (TimeoutError, NatsError) as error:
+            METRICS.publish_errors.inc()
             log.warning("publish failed: %s", error)
             self.send(
                 ErrorFrame(int(ErrorCode.SERVER), "publish failed, retry", command.request_id)
             )
         else:
-            METRICS.published[command.message.ephemeral].inc()
+            METRICS.published[message.ephemeral].inc(len(message.members) or 1)
             self.send(AckFrame(command.request_id, serial))
+            METRICS.publish_ack.observe(time.perf_counter() - received)
         finally:
             self._in_flight.release()
 
@@ -325,9 +381,9 @@ class Connection:
             raise
         del self._replay_gates[channel]
         if gate.dropped:
-            METRICS.dropped.inc(gate.dropped)  # the client sees the gap and fetches
+            METRICS.dropped.value += gate.dropped  # the client sees the gap and fetches
         for delivery in gate.release(last_sent):
-            self.deliver(delivery)
+            self._deliver_held(delivery)
         self.send(AckFrame(command.request_id, resumed=resumed))
 
     async def _replay(self, app: str, command: Subscribe) -> tuple[bool, int]:
@@ -374,6 +430,7 @@ class Connection:
         """Queue one page of a replay; return the last serial it carried (pages are
         contiguous from the cursor)."""
         for record in self.session.encode_replay(result):
+            METRICS.sent_bytes.value += len(record)
             self.outbox.put(record)
         return last_sent + len(result.members)
 
@@ -384,7 +441,9 @@ class Connection:
     async def _read_history(self, command: ReadHistory) -> None:
         try:
             result = await self.services.history.query(command.query)
-            self.outbox.put(self.session.encode_history_response(command, result))
+            response = self.session.encode_history_response(command, result)
+            METRICS.sent_bytes.value += len(response)
+            self.outbox.put(response)
         except ProtocolError as error:
             self.send(ErrorFrame(int(error.code), error.message, command.request_id))
         except (TimeoutError, NatsError):
@@ -396,10 +455,11 @@ class Connection:
 
     # ---- teardown ----
 
-    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     def _app(self) -> str:
         identity = self.session.identity
@@ -423,7 +483,8 @@ class Connection:
                 self.close_reason or "-",
                 ", by the client" if graceful else "",
             )
-        METRICS.connections.labels(self.transport).dec()
+        if self._counted is not None:
+            self._counted.dec()
         if self._expiry is not None:
             self._expiry.cancel()
         for task in list(self._tasks):

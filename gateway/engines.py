@@ -43,6 +43,9 @@ class LiveChannels(Protocol):
     def __len__(self) -> int:
         """Channels with local subscribers."""
 
+    def subscription_count(self) -> int:
+        """Subscriptions of local connections, all channels together."""
+
     async def add(self, app: str, channel: str, subscriber: Subscriber) -> None:
         """Deliver ``channel``'s live messages to ``subscriber`` from now on (returns once
         no message stored after the return can be missed)."""
@@ -69,6 +72,9 @@ class PresenceEngine(Protocol):
 
     async def members(self, app: str, channel: str) -> list[MemberRecord]:
         """The channel's current members, in no particular order (REST presence)."""
+
+    def member_count(self) -> int:
+        """Members of the channels this gateway follows (a metric)."""
 
     def unsubscribe(
         self, client: PresenceClient, app: str, channel: str, reasons: tuple[str, ...]

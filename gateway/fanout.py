@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -53,21 +54,48 @@ class Delivery:
             self._json = json_codec.encode_message_text(self.message)
         return self._json
 
+    def queued_bytes(self, count: int, json_count: int) -> int:
+        """Bytes queued by a fan-out to ``count`` subscribers, ``json_count`` of them JSON,
+        counting only the encodings that were built (a subscriber whose delivery was held
+        for a replay may have needed none yet)."""
+        binary = len(self._binary) if self._binary is not None else 0
+        text = len(self._json) if self._json is not None else 0
+        return json_count * text + (count - json_count) * binary
+
 
 class Subscriber(Protocol):
     """What the router needs of a connection."""
+
+    @property
+    def wants_json(self) -> bool:
+        """True when it receives JSON text (fixed once the connection is authenticated)."""
 
     def deliver(self, delivery: Delivery) -> None:
         """Queue ``delivery`` without blocking."""
 
 
 class _Channel:
-    __slots__ = ("ready", "subscribers", "subscription")
+    __slots__ = ("json_subscribers", "ready", "subscribers", "subscription")
 
     def __init__(self) -> None:
         self.subscribers: set[Subscriber] = set()
+        # How many of them take JSON: a fan-out counts its bytes by codec without looking
+        # at each subscriber.
+        self.json_subscribers = 0
         self.subscription: Subscription | None = None
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def add(self, subscriber: Subscriber) -> None:
+        """Add ``subscriber`` (once) and count its codec."""
+        if subscriber not in self.subscribers:
+            self.subscribers.add(subscriber)
+            self.json_subscribers += subscriber.wants_json
+
+    def discard(self, subscriber: Subscriber) -> None:
+        """Remove ``subscriber`` if present, and its codec from the count."""
+        if subscriber in self.subscribers:
+            self.subscribers.discard(subscriber)
+            self.json_subscribers -= subscriber.wants_json
 
 
 def decode_live(msg: Msg) -> Message:
@@ -89,13 +117,17 @@ class ChannelRouter:
     def __len__(self) -> int:
         return len(self._channels)
 
+    def subscription_count(self) -> int:
+        """Subscriptions of local connections, all channels together (read when scraped)."""
+        return sum(len(entry.subscribers) for entry in self._channels.values())
+
     async def add(self, app: str, channel: str, subscriber: Subscriber) -> None:
         """Subscribe ``subscriber``; returns once NATS will route the channel's messages here."""
         subject = subjects.live_subject(app, channel)
         entry = self._channels.get(subject)
         if entry is None:
             entry = self._channels[subject] = _Channel()
-            entry.subscribers.add(subscriber)
+            entry.add(subscriber)
             try:
                 nc = self._broker.client()
                 entry.subscription = await nc.subscribe(subject, cb=self._handler(entry))
@@ -110,7 +142,7 @@ class ChannelRouter:
                 raise
             entry.ready.set_result(None)
             return
-        entry.subscribers.add(subscriber)
+        entry.add(subscriber)
         await asyncio.shield(entry.ready)
 
     async def remove(self, app: str, channel: str, subscriber: Subscriber) -> None:
@@ -119,7 +151,7 @@ class ChannelRouter:
         entry = self._channels.get(subject)
         if entry is None:
             return
-        entry.subscribers.discard(subscriber)
+        entry.discard(subscriber)
         if entry.subscribers:
             return
         del self._channels[subject]
@@ -128,14 +160,26 @@ class ChannelRouter:
                 await entry.subscription.unsubscribe()
 
     def _handler(self, entry: _Channel) -> Callable[[Msg], Awaitable[None]]:
+        metrics = METRICS
+        delivered = metrics.deliveries
+        sent_bytes = metrics.sent_bytes
+        lag = metrics.delivery_lag
+
         async def on_message(msg: Msg) -> None:
             try:
                 delivery = Delivery(decode_live(msg))
             except (FrameDecodeError, ValueError):
                 log.error("undecodable live message on %s dropped", msg.subject)
                 return
-            for subscriber in entry.subscribers:
+            subscribers = entry.subscribers
+            for subscriber in subscribers:
                 subscriber.deliver(delivery)
-            METRICS.deliveries.inc(len(entry.subscribers))
+            # Counted once per fan-out, never per delivery (gateway.metrics).
+            count = len(subscribers)
+            delivered.value += count
+            sent_bytes.value += delivery.queued_bytes(count, entry.json_subscribers)
+            message = delivery.message
+            if message.serial:  # stored: its timestamp was set when it was published
+                lag.observe(max(0.0, time.time() - message.timestamp / 1000))
 
         return on_message

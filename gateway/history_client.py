@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
 from gateway.broker import Broker
+from gateway.metrics import METRICS
 from shared import history, subjects
 from shared.errors import ErrorCode, ProtocolError
 from shared.history import HistoryQuery, HistoryResult
@@ -22,6 +25,7 @@ class HistoryClient:
     async def query(self, query: HistoryQuery) -> HistoryResult:
         """Return the worker's answer; ``ProtocolError`` 50000 when none answers in time."""
         nc = self._broker.client()
+        started = time.perf_counter()
         try:
             reply = await nc.request(
                 subjects.HISTORY_SUBJECT,
@@ -29,9 +33,13 @@ class HistoryClient:
                 timeout=self._broker.settings.request_timeout_s,
             )
         except (TimeoutError, NoRespondersError, NatsTimeoutError):
+            METRICS.history_errors.inc()
             raise ProtocolError(ErrorCode.SERVER, "history service did not answer") from None
+        finally:
+            METRICS.history_seconds.observe(time.perf_counter() - started)
         failure = reply.headers.get(history.ERROR_HEADER) if reply.headers else None
         if failure:
+            METRICS.history_errors.inc()
             code_text, _, message = failure.partition(" ")
             try:
                 code = ErrorCode(int(code_text))

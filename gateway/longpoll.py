@@ -103,7 +103,13 @@ class LongPollSessions:
         """Run the handshake on the auth record in the body.
 
         A refused handshake still answers 200, without the session header, with the ``err``
-        record as body: the SDK reads the body only on a 2xx (PROTOCOL.md 5)."""
+        record as body: the SDK reads the body only on a 2xx (PROTOCOL.md 5). A draining
+        gateway answers 503 (50001) instead: the SDK retries, through the load balancer, on
+        another gateway."""
+        if self.services.draining:
+            return error_response(
+                ErrorCode.BOOTSTRAP, "gateway draining, connect to another one", status=503
+            )
         address = request.remote or ""
         if self.max_per_address and self._per_address.get(address, 0) >= self.max_per_address:
             METRICS.rate_limited[Limit.CONNECTIONS_PER_ADDRESS].inc()
@@ -135,9 +141,7 @@ class LongPollSessions:
             return web.Response(body=frames, content_type=_BINARY)
         token = secrets.token_urlsafe(_TOKEN_BYTES)
         session = LongPollSession(token, connection, address, admitted[0] if admitted else "")
-        connection.outbox.on_overflow = lambda: connection.close(
-            CLOSE_TRY_AGAIN_LATER, "slow consumer"
-        )
+        connection.outbox.on_overflow = lambda: _overflowed(connection)
         self.sessions[token] = session
         self._per_address[address] = self._per_address.get(address, 0) + 1
         self._arm_idle(session)
@@ -296,6 +300,12 @@ class LongPollSessions:
             session.superseded.set_result(None)
         with contextlib.suppress(Exception):
             await session.connection.finish(graceful)
+
+
+def _overflowed(connection: Connection) -> None:
+    """The client stopped polling and its queue passed twice the bound: close it (1013)."""
+    METRICS.slow_consumer_disconnects.inc()
+    connection.close(CLOSE_TRY_AGAIN_LATER, "slow consumer")
 
 
 def _gone() -> web.Response:

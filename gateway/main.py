@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import time
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.app import LONG_POLL, create_app
+from gateway.connection import Connection
+from gateway.drain import drain_connections
 from gateway.guard import ConnectionGuard
+from gateway.metrics import METRICS
 from gateway.services import GatewayServices
 from shared.logs import RateLimitFilter
 from shared.session import CLOSE_GOING_AWAY
@@ -39,8 +43,31 @@ class _OneLineBadRequests(logging.Filter):
         return True
 
 
+async def drain(services: GatewayServices) -> None:
+    """Stop taking connections and close the open ones spread over ``RT_DRAIN_S``
+    (``gateway.drain``); ``/readyz`` answers 503 from the first instant."""
+    services.draining = True
+    METRICS.draining.set(1)
+    settings = services.settings
+    registry = services.registry
+    started = time.monotonic()
+    log.info(
+        "draining: /readyz answers 503, %d connections close over %.1fs",
+        len(registry),
+        settings.drain_s,
+    )
+
+    def open_connections() -> list[Connection]:
+        return [c for c in registry.connections.values() if isinstance(c, Connection)]
+
+    # A publish in flight ends within a NATS request timeout (stored, or answered 50000).
+    closed = await drain_connections(open_connections, settings.drain_s, settings.request_timeout_s)
+    log.info("drained %d connections in %.1fs", closed, time.monotonic() - started)
+
+
 async def run_gateway(settings: Settings, stop: asyncio.Event) -> None:
-    """Serve until ``stop`` is set, then close every connection with 1001 and exit."""
+    """Serve until ``stop`` is set, then drain (``drain``) and exit; if cancelled instead,
+    close every connection with 1001 at once."""
     # Malformed requests come from peers at will, and aiohttp logs them at debug level:
     # one short line, rate-limited even there.
     server_log = logging.getLogger("aiohttp.server")
@@ -84,6 +111,7 @@ async def run_gateway(settings: Settings, stop: asyncio.Event) -> None:
     )
     try:
         await stop.wait()
+        await drain(services)
     finally:
         for connection in list(services.registry.connections.values()):
             connection.close(CLOSE_GOING_AWAY, "server shutting down")

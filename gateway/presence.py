@@ -44,6 +44,7 @@ from nats.js.api import DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from gateway.broker import Broker
+from gateway.metrics import METRICS
 from nats_adapter.direct import direct_batch
 from nats_adapter.requests import RequestTimeout
 from shared import binary_codec, json_codec
@@ -523,6 +524,8 @@ class PresenceService:
             sequence = page.last_sequence + 1
 
     def _dispatch(self, entry: _WatchedChannel, event: PresenceEventFrame) -> None:
+        if entry.ready.done():  # a channel's first read finds its members: no news
+            METRICS.presence_events[event.action].inc()
         if not entry.watchers:
             return
         binary = binary_codec.frame_record(binary_codec.encode_server_frame(event))
@@ -549,6 +552,10 @@ class PresenceService:
             for event in entry.members.snapshot():
                 connection.send(event)
         reasons.add(reason)
+
+    def member_count(self) -> int:
+        """Members of the channels this gateway follows (read when scraped)."""
+        return sum(len(entry.members.members) for entry in self._channels.values())
 
     async def members(self, app: str, channel: str) -> list[MemberRecord]:
         """The channel's current members (REST presence): from memory when this gateway

@@ -48,6 +48,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _json(body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    METRICS.sent_bytes.value += len(body)
     return web.Response(status=status, body=body, content_type=_JSON, headers=headers)
 
 
@@ -94,7 +95,11 @@ class RestApi:
             )
 
     def _caller(self, request: web.Request) -> rest.Caller:
-        return rest.authenticate(self.services.keyring, request.headers.get(hdrs.AUTHORIZATION))
+        try:
+            return rest.authenticate(self.services.keyring, request.headers.get(hdrs.AUTHORIZATION))
+        except ProtocolError as error:
+            METRICS.auth_failure(int(error.code))
+            raise
 
     def _require_ready(self) -> None:
         if not self.services.is_ready:
@@ -110,12 +115,14 @@ class RestApi:
 
     async def publish(self, request: web.Request) -> web.Response:
         """``POST /channels/{channel}/messages``: one message or one atomic batch."""
+        received = time.perf_counter()
         caller = self._caller(request)
         channel = _channel(request)
         identity = caller.identity
         identity.capability.check(Operation.PUBLISH, channel)
         # The frame limit of a WebSocket publish: the same message fits either way.
         body = await read_body(request, self.limits.max_frame_bytes)
+        METRICS.received_bytes.value += len(body)
         message = rest.decode_publish(body, channel, caller, self.limits)
         self._require_ready()
         if self.publish_buckets is not None:
@@ -123,8 +130,13 @@ class RestApi:
             if refusal is not None:
                 error, wait_s = refusal
                 return refusal_response(error, {hdrs.RETRY_AFTER: str(wait_s)})
-        serial = await self.services.broker.publish(identity.app, message)
-        METRICS.published[message.ephemeral].inc()
+        try:
+            serial = await self.services.broker.publish(identity.app, message)
+        except (ProtocolError, TimeoutError, RequestTimeout, NatsError):
+            METRICS.publish_errors.inc()
+            raise  # answered by _answering_errors
+        METRICS.published[message.ephemeral].inc(len(message.members) or 1)
+        METRICS.publish_ack.observe(time.perf_counter() - received)
         return _json(rest.encode_publish_result(message, serial), status=201)
 
     async def history(self, request: web.Request) -> web.Response:
@@ -157,6 +169,7 @@ class RestApi:
         """``POST /keys/{keyName}/requestToken``: a token minted from the key."""
         caller = self._caller(request)
         body = await read_body(request, _MAX_TOKEN_REQUEST_BYTES)
+        METRICS.received_bytes.value += len(body)
         token_request = rest.decode_token_request(body)
         details = rest.grant_token(
             self.services.keyring, caller, request.match_info["keyName"], token_request, time.time()

@@ -124,6 +124,9 @@ class GatewayServices:
     registry: ConnectionRegistry = field(default_factory=ConnectionRegistry)
     # The key registry's follower (None in tests that run without NATS).
     keys: KeyRegistry | None = None
+    # Set on SIGTERM (gateway.drain): /readyz fails and new connections are refused while
+    # the open ones are closed, spread over RT_DRAIN_S.
+    draining: bool = False
 
     def __post_init__(self) -> None:
         # The registry is built before the settings are at hand (a field default, or by

@@ -14,8 +14,11 @@ import logging
 from aiohttp import WSMsgType, web
 
 from gateway.connection import Connection
+from gateway.http import error_response
+from gateway.metrics import METRICS
 from gateway.services import GatewayServices
 from gateway.websocket_writer import DirectWriter, FlushScheduler, write_slowly
+from shared.errors import ErrorCode
 from shared.session import CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_TRY_AGAIN_LATER
 from shared.settings import Settings
 
@@ -30,13 +33,19 @@ _PAUSED_CHECK_S = 0.5
 
 async def serve_websocket(
     request: web.Request, services: GatewayServices, scheduler: FlushScheduler
-) -> web.WebSocketResponse:
+) -> web.StreamResponse:
     """Accept a WebSocket on any path and run one connection until it ends.
 
     Every way a connection ends (client close, server close, reset, overflow, an unexpected
     error) runs the same teardown: the writer is given a bounded time to send the close
     frame, the transport is aborted if it could not, and ``Connection.finish`` always runs.
+    A draining gateway refuses the upgrade (503, 50001): the client retries, and the load
+    balancer, which saw ``/readyz`` fail, sends it to another gateway.
     """
+    if services.draining:
+        return error_response(
+            ErrorCode.BOOTSTRAP, "gateway draining, connect to another one", status=503
+        )
     settings = services.settings
     # Compression off: permessage-deflate roughly doubles fan-out CPU (measured in aiohttp:
     # 4.9 -> 10.5 CPU-s per 1M deliveries to 1,000 connections), and browsers always offer it.
@@ -80,9 +89,12 @@ async def serve_websocket(
             else:
                 # A deliberate close by the client ends its presence at once; a dropped link
                 # keeps it for the grace period (close, closed or error, e.g. aiohttp's cap).
-                graceful = message.type is WSMsgType.CLOSE and message.data in (
-                    CLOSE_NORMAL,
-                    CLOSE_GOING_AWAY,
+                # So does a close the server started (a drain, an expired token): the client
+                # only echoes our code, and it will be back.
+                graceful = (
+                    message.type is WSMsgType.CLOSE
+                    and message.data in (CLOSE_NORMAL, CLOSE_GOING_AWAY)
+                    and not connection.is_closing
                 )
                 break
     except (ConnectionError, asyncio.CancelledError):
@@ -108,6 +120,7 @@ def _overflowed(connection: Connection, writer: asyncio.Task[None]) -> None:
 
     The queued data is already discarded; the writer, possibly stuck waiting for the socket
     to drain, is cancelled and tries the close frame for a bounded time, then aborts."""
+    METRICS.slow_consumer_disconnects.inc()
     connection.close(CLOSE_TRY_AGAIN_LATER, "slow consumer")
     writer.cancel()
 

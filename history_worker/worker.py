@@ -7,11 +7,13 @@ import asyncio
 import contextlib
 import gc
 import logging
+import time
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from history_worker.index import SequenceIndex
+from history_worker.metrics import WorkerMetrics, serve_metrics
 from history_worker.store import ChannelBounds, StreamReader
 from nats_adapter.connect import connect_with_back_off
 from nats_adapter.requests import ReplyMux
@@ -175,10 +177,11 @@ async def _fail(nc: NatsClient, reply: str, error: ProtocolError) -> None:
 
 async def send_result(
     nc: NatsClient, reply: str, query: HistoryQuery, result: HistoryResult
-) -> None:
+) -> bool:
     """Publish ``result`` as the reply to ``query``, or the error 50000 when its encoding is
     above the connection's max payload: NATS would refuse it and the gateway would only see
-    a timeout, so the failure is logged and answered instead of lost."""
+    a timeout, so the failure is logged and answered instead of lost. Returns False when the
+    error was sent."""
     payload = history.encode_result(result)
     if len(payload) > nc.max_payload:
         log.error(
@@ -191,12 +194,31 @@ async def send_result(
             nc.max_payload,
         )
         await _fail(nc, reply, ProtocolError(ErrorCode.SERVER, "history reply too large"))
-        return
+        return False
     await nc.publish(reply, payload, headers={history.NEWEST_HEADER: str(result.newest)})
+    return True
 
 
 async def run_history_worker(settings: Settings, stop: asyncio.Event) -> None:
-    """Serve history queries until ``stop`` is set."""
+    """Serve history queries until ``stop`` is set, and metrics on ``RT_METRICS_PORT``
+    (from the start, so a worker waiting for NATS is seen as such)."""
+    metrics = WorkerMetrics()
+    serving: list[NatsClient] = []  # the client, once queries are being answered
+
+    def connected() -> bool:
+        return bool(serving) and serving[0].is_connected
+
+    runner = await serve_metrics(metrics, settings.host, settings.metrics_port, connected)
+    try:
+        await _serve_queries(settings, stop, metrics, serving)
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+
+
+async def _serve_queries(
+    settings: Settings, stop: asyncio.Event, metrics: WorkerMetrics, serving: list[NatsClient]
+) -> None:
     nc = await connect_with_back_off(settings, "realtime-history-worker")
     requests = ReplyMux(nc)
     await requests.start()
@@ -224,21 +246,34 @@ async def run_history_worker(settings: Settings, stop: asyncio.Event) -> None:
     async def on_query(msg: Msg) -> None:
         if not msg.reply:
             return
+        started = time.perf_counter()
+        counter = metrics.unknown_requests  # until the query decodes
         try:
-            query = history.decode_query(msg.data)
-            result = await service.answer(query)
-        except ProtocolError as error:
-            await _fail(nc, msg.reply, error)
-            return
-        except Exception as error:
-            log.exception("history query failed")
-            await _fail(nc, msg.reply, ProtocolError(ErrorCode.SERVER, f"history failed: {error}"))
-            return
-        await send_result(nc, msg.reply, query, result)
+            try:
+                query = history.decode_query(msg.data)
+                counter = metrics.requests[query.op]
+                result = await service.answer(query)
+            except ProtocolError as error:
+                metrics.errors.inc()
+                await _fail(nc, msg.reply, error)
+                return
+            except Exception as error:
+                metrics.errors.inc()
+                log.exception("history query failed")
+                await _fail(
+                    nc, msg.reply, ProtocolError(ErrorCode.SERVER, f"history failed: {error}")
+                )
+                return
+            if not await send_result(nc, msg.reply, query, result):
+                metrics.errors.inc()
+        finally:
+            counter.inc()
+            metrics.seconds.observe(time.perf_counter() - started)
 
     subscription = await nc.subscribe(
         subjects.HISTORY_SUBJECT, queue=subjects.HISTORY_QUEUE, cb=on_query
     )
+    serving.append(nc)
     # As in the gateway: no cyclic-GC scans of start-up objects, fewer young collections.
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)

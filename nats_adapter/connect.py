@@ -17,6 +17,13 @@ log = logging.getLogger(__name__)
 
 _FIRST_RETRY_S = 0.2
 _LONGEST_RETRY_S = 5.0
+# A connection whose server stopped answering (a partition, a paused or wedged node) is
+# given up after this many unanswered pings this often, and the client reconnects to another
+# node. nats-py's defaults (2 minutes, 2 pings) left a gateway whose node was partitioned
+# away stuck for 6 minutes, publishes failing and /readyz still 200 (issue 14's fault suite,
+# docs/GUARANTEES.md); with these it moves within about 8 s.
+_PING_INTERVAL_S = 2
+_MAX_OUTSTANDING_PINGS = 3
 
 
 async def connect(
@@ -44,6 +51,8 @@ async def connect(
         allow_reconnect=True,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
+        ping_interval=_PING_INTERVAL_S,
+        max_outstanding_pings=_MAX_OUTSTANDING_PINGS,
         **callbacks,
     )
     return client

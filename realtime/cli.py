@@ -36,6 +36,12 @@ def _parser() -> argparse.ArgumentParser:
 
     worker = commands.add_parser("history-worker", help="run a history worker")
     worker.add_argument("--nats", help="NATS URL (RT_NATS_URL)")
+    worker.add_argument(
+        "--host", help="bind address of /metrics, /healthz, /readyz (RT_HOST, default 127.0.0.1)"
+    )
+    worker.add_argument(
+        "--metrics-port", type=int, help="port of /metrics (RT_METRICS_PORT, default 9091, 0 = off)"
+    )
 
     add_key_commands(commands)
 
@@ -88,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             settings = Settings.load(
                 nats_url=arguments.nats,
+                host=arguments.host,
+                metrics_port=arguments.metrics_port,
                 log_level=arguments.log_level,
                 log_format=arguments.log_format,
             )

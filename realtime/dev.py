@@ -119,8 +119,13 @@ async def run_dev(settings: Settings, stop: asyncio.Event, nats_port: int, data_
         )
     # Development defaults, so the key registry and the SDK examples' legacy tokens work out
     # of the box; both are printed below, and both are for this laptop only.
+    # Ctrl-C stops at once: a laptop has no load balancer to drain toward (RT_DRAIN_S is for
+    # gateways behind one). The worker's metrics port is for deployments that scrape it; here
+    # the gateway's /metrics is enough, and a fixed port would clash between dev clusters.
     settings = dataclasses.replace(
         settings,
+        drain_s=0.0,
+        metrics_port=0,
         nats_url=f"nats://127.0.0.1:{nats_port}",
         keys_secret=settings.keys_secret or DEV_KEYS_SECRET,
         token_signing_key=settings.token_signing_key or DEV_TOKEN_SIGNING_KEY,

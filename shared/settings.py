@@ -273,6 +273,16 @@ class Settings:
     request_timeout_s: float = field(
         default=2.0, metadata=_env("RT_REQUEST_TIMEOUT_S", "NATS request timeout (history, acks)")
     )
+    drain_s: float = field(
+        default=10.0,
+        metadata=_env(
+            "RT_DRAIN_S", "on SIGTERM, close a gateway's clients spread over this long, then exit"
+        ),
+    )
+    metrics_port: int = field(
+        default=9091,
+        metadata=_env("RT_METRICS_PORT", "port of a history worker's /metrics (0 = off)"),
+    )
     log_level: str = field(default="INFO", metadata=_env("RT_LOG_LEVEL", "logging level"))
     log_format: str = field(
         default="text",

@@ -171,12 +171,15 @@ def start_service(
     command: str, nats_url: str, port: int = 0, env: dict[str, str] | None = None
 ) -> Service:
     """Start ``realtime <command>`` against ``nats_url`` with extra ``env``; gateways get a
-    free port unless ``port`` is given."""
+    free port unless ``port`` is given, and so do history workers' metrics (``port``, then).
+    Gateways drain for half a second on SIGTERM (``stop``) unless ``env`` says otherwise:
+    tests stop many, and only the drain tests need the real thing."""
     environment = dict(os.environ)
     environment.update(
         RT_NATS_URL=nats_url,
         RT_API_KEYS=",".join([APP_KEY, OTHER_APP_KEY, RESTRICTED_KEY]),
         RT_LOG_LEVEL="INFO",
+        RT_DRAIN_S="0.5",
         PYTHONUNBUFFERED="1",
     )
     environment.update(env or {})
@@ -184,6 +187,9 @@ def start_service(
     if command == "gateway":
         port = port or free_port()
         arguments += ["--port", str(port)]
+    elif command == "history-worker":
+        port = port or free_port()
+        arguments += ["--metrics-port", str(port)]
     descriptor, log_path = tempfile.mkstemp(prefix=f"rt-{command}-", suffix=".log")
     with os.fdopen(descriptor, "wb") as log_file:
         process = subprocess.Popen(
@@ -208,7 +214,7 @@ def wait_for_history_worker(nats_url: str, timeout: float = 20.0) -> None:
     """Block until a history worker answers a query on ``nats_url``."""
 
     async def ask() -> None:
-        client = await nats.connect(nats_url)
+        client = await nats.connect(servers=nats_url.split(","))  # one URL or several
         query = history.encode_query(HistoryQuery(HistoryOp.FETCH, "probe", "probe"))
         deadline = time.monotonic() + timeout
         try:

@@ -82,6 +82,10 @@ class MemoryBus:
     def __len__(self) -> int:
         return len(self._subscribers)
 
+    def subscription_count(self) -> int:
+        """Subscriptions, all channels together."""
+        return sum(len(subscribers) for subscribers in self._subscribers.values())
+
     async def add(self, app: str, channel: str, subscriber: Subscriber) -> None:
         """Deliver the channel to ``subscriber``."""
         self._subscribers.setdefault((app, channel), set()).add(subscriber)
@@ -161,6 +165,10 @@ class MemoryPresence:
             for event in entry.members.snapshot():
                 client.send(event)
         entry.watchers.setdefault(client, set()).add(reason)
+
+    def member_count(self) -> int:
+        """Members of every channel."""
+        return sum(len(entry.members.members) for entry in self._channels.values())
 
     async def members(self, app: str, channel: str) -> list[MemberRecord]:
         """The channel's current members."""

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -25,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from realtime.dev import find_nats_server
-from testing.cluster import free_port, wait_for_port
+from testing.cluster import free_port
+from testing.netns import NamespaceNetwork
 
 __all__ = [
     "SYNC_INTERVAL",
@@ -33,6 +35,7 @@ __all__ = [
     "NatsNode",
     "running_nats_cluster",
     "start_nats_cluster",
+    "wait_for_meta_leader",
 ]
 
 SYNC_INTERVAL = "2m"
@@ -51,11 +54,20 @@ class NatsNode:
     config: str
     process: subprocess.Popen[bytes] | None = None
     log: str = ""
+    # Where it listens, and the command prefix that runs it in a network namespace (the
+    # partition fault); loopback and no prefix otherwise.
+    host: str = "127.0.0.1"
+    prefix: list[str] = field(default_factory=list)
 
     @property
     def url(self) -> str:
         """Client URL of this node."""
-        return f"nats://127.0.0.1:{self.port}"
+        return f"nats://{self.host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        """True while its process lives (paused included)."""
+        return self.process is not None and self.process.poll() is None
 
     @property
     def pid(self) -> int:
@@ -65,11 +77,14 @@ class NatsNode:
     def start(self) -> None:
         """Start (or restart, on the same ports and store)."""
         log_file = open(self.log, "ab")  # noqa: SIM115 - the child keeps it
+        # `ip netns exec` execs the server itself, so the pid is the server's either way.
         self.process = subprocess.Popen(
-            [find_nats_server(), "-c", self.config], stdout=log_file, stderr=subprocess.STDOUT
+            [*self.prefix, find_nats_server(), "-c", self.config],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
         )
         log_file.close()
-        wait_for_port(self.port, timeout=20)
+        _wait_for_address(self.host, self.port, timeout=20)
 
     def kill(self) -> None:
         """SIGKILL: a crash."""
@@ -99,10 +114,20 @@ class NatsNode:
 
     def jsz(self) -> dict[str, object]:
         """The node's JetStream monitoring report (``/jsz?streams=1``)."""
-        url = f"http://127.0.0.1:{self.monitor_port}/jsz?streams=true&raft=true"
+        return self.monitor("jsz?streams=true&raft=true")
+
+    def monitor(self, path: str) -> dict[str, object]:
+        """A monitoring endpoint's JSON (``connz``, ``jsz?...``)."""
+        url = f"http://{self.host}:{self.monitor_port}/{path}"
         with urllib.request.urlopen(url, timeout=2) as response:
             report: dict[str, object] = json.loads(response.read())
         return report
+
+    def client_names(self) -> list[str]:
+        """The names of the clients connected to this node (``connz``)."""
+        connections = self.monitor("connz?limit=1024").get("connections") or []
+        assert isinstance(connections, list)
+        return [str(c.get("name", "")) for c in connections]
 
 
 @dataclass
@@ -112,6 +137,7 @@ class NatsCluster:
     nodes: list[NatsNode]
     root: str
     extra: dict[str, str] = field(default_factory=dict)
+    network: NamespaceNetwork | None = None
 
     @property
     def urls(self) -> str:
@@ -144,6 +170,13 @@ class NatsCluster:
             time.sleep(0.2)
         raise TimeoutError(f"no leader for stream {stream}")
 
+    def start_all(self) -> None:
+        """Start every node (they find each other by their routes), then wait for a JetStream
+        meta leader."""
+        for node in self.nodes:
+            node.start()
+        wait_for_meta_leader(self)
+
     def stop(self) -> None:
         """Stop every node and remove the stores."""
         for node in self.nodes:
@@ -157,15 +190,15 @@ def _config(node: NatsNode, routes: list[str], sync_interval: str) -> str:
     return "\n".join(
         [
             f"server_name: {node.name}",
-            f"listen: 127.0.0.1:{node.port}",
-            f"http: 127.0.0.1:{node.monitor_port}",
+            f"listen: {node.host}:{node.port}",
+            f"http: {node.host}:{node.monitor_port}",
             "jetstream {",
             f'  store_dir: "{node.store}"',
             f"  sync_interval: {sync_interval}",
             "}",
             "cluster {",
             f"  name: {CLUSTER_NAME}",
-            f"  listen: 127.0.0.1:{node.cluster_port}",
+            f"  listen: {node.host}:{node.cluster_port}",
             "  routes: [",
             *(f"    {route}" for route in routes),
             "  ]",
@@ -175,8 +208,15 @@ def _config(node: NatsNode, routes: list[str], sync_interval: str) -> str:
     )
 
 
-def start_nats_cluster(size: int = 3, sync_interval: str = SYNC_INTERVAL) -> NatsCluster:
-    """Start ``size`` routed nodes and wait until JetStream has a meta leader."""
+def start_nats_cluster(
+    size: int = 3,
+    sync_interval: str = SYNC_INTERVAL,
+    network: NamespaceNetwork | None = None,
+    start: bool = True,
+) -> NatsCluster:
+    """Start ``size`` routed nodes and wait until JetStream has a meta leader. With
+    ``network``, node ``k`` runs in its namespace on its address; with ``start=False`` the
+    nodes are configured but not started (``start_all`` starts them)."""
     root = tempfile.mkdtemp(prefix="rt-nats-cluster-")
     nodes = []
     for index in range(size):
@@ -191,26 +231,39 @@ def start_nats_cluster(size: int = 3, sync_interval: str = SYNC_INTERVAL) -> Nat
                 store,
                 str(Path(root) / f"{name}.conf"),
                 log=str(Path(root) / f"{name}.log"),
+                host=network.address(index + 1) if network else "127.0.0.1",
+                prefix=network.command(index + 1) if network else [],
             )
         )
-    routes = [f"nats-route://127.0.0.1:{node.cluster_port}" for node in nodes]
+    routes = [f"nats-route://{node.host}:{node.cluster_port}" for node in nodes]
     for node in nodes:
         Path(node.config).write_text(_config(node, routes, sync_interval))
-    cluster = NatsCluster(nodes, root)
-    try:
-        for node in nodes:
-            node.start()
-        _wait_for_meta_leader(cluster)
-    except BaseException:
-        cluster.stop()
-        raise
+    cluster = NatsCluster(nodes, root, network=network)
+    if start:
+        try:
+            cluster.start_all()
+        except BaseException:
+            cluster.stop()
+            raise
     return cluster
 
 
-def _wait_for_meta_leader(cluster: NatsCluster, timeout: float = 30.0) -> None:
+def _wait_for_address(host: str, port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection((host, port), 0.2):
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"nothing listens on {host}:{port}")
+
+
+def wait_for_meta_leader(cluster: NatsCluster, timeout: float = 30.0) -> None:
+    """Block until the running nodes agree on a JetStream meta leader."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for node in cluster.nodes:
+            if not node.running:
+                continue
             try:
                 meta = node.jsz().get("meta_cluster") or {}
             except OSError:
@@ -223,10 +276,14 @@ def _wait_for_meta_leader(cluster: NatsCluster, timeout: float = 30.0) -> None:
 
 @contextlib.contextmanager
 def running_nats_cluster(
-    size: int = 3, sync_interval: str = SYNC_INTERVAL
+    size: int = 3,
+    sync_interval: str = SYNC_INTERVAL,
+    network: NamespaceNetwork | None = None,
+    start: bool = True,
 ) -> Iterator[NatsCluster]:
-    """A started cluster, stopped (and its stores removed) on exit."""
-    cluster = start_nats_cluster(size, sync_interval)
+    """A cluster (started unless ``start`` is False), stopped and its stores removed on
+    exit."""
+    cluster = start_nats_cluster(size, sync_interval, network, start)
     try:
         yield cluster
     finally:
