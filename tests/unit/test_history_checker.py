@@ -197,3 +197,18 @@ def test_disruption_is_the_longest_stretch_without_an_ack() -> None:
     assert longest_ack_gap([0.1, 5.0], 1.0, 6.0) == 4.0
     report = check(good_history(), storm_start=1.0, storm_end=2.0)
     assert abs(report.disruption_s - 0.3) < 1e-9  # from the window's start to the first ack
+
+
+def test_a_fresh_sub_after_a_reconnect_is_fine_only_when_nothing_had_arrived() -> None:
+    history = History()
+    history.subscribed("s1", CHANNEL, 0, None, 0.5)
+    # Dropped before any message: the new sub has no cursor to resume from, and misses none.
+    history.subscribed("s1", CHANNEL, 0, None, 0.9, sent_at=0.8)
+    history.attempt("p1", CHANNEL, "a1", 1.0)
+    history.ack(CHANNEL, "a1", 1, 1.1)
+    history.delivered("s1", CHANNEL, 1, "a1", 1.05)
+    history.stored(CHANNEL, [(1, "a1")])
+    assert check(history).ok
+    # The same fresh sub after a message had arrived throws the cursor away: reported.
+    history.subscribed("s1", CHANNEL, 0, None, 1.3, sent_at=1.2)
+    assert checks_failed(history) == {"resume"}
