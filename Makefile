@@ -24,7 +24,13 @@ $(CHROMIUM):
 	$(SUDO) apt-get install -y -q --no-install-recommends chromium \
 	  || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends chromium)
 
-install: $(STAMP) $(NODE_STAMP) $(CHROMIUM)
+# iproute2 and iptables, for the partition fault's network namespaces (testing/netns.py).
+NETNS_TOOLS := /usr/sbin/ip /usr/sbin/iptables
+$(NETNS_TOOLS):
+	$(SUDO) apt-get install -y -q --no-install-recommends iproute2 iptables \
+	  || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends iproute2 iptables)
+
+install: $(STAMP) $(NODE_STAMP) $(CHROMIUM) $(NETNS_TOOLS)
 
 dev: $(STAMP)
 	$(BIN)/realtime dev

@@ -18,6 +18,7 @@ from nats.aio.subscription import Subscription
 
 from gateway.broker import Broker
 from gateway.metrics import METRICS
+from nats_adapter.connect import flush
 from shared import binary_codec, json_codec, subjects
 from shared.binary_codec import FrameDecodeError
 from shared.frames import Message
@@ -133,10 +134,19 @@ class ChannelRouter:
                 entry.subscription = await nc.subscribe(subject, cb=self._handler(entry))
                 # The SUB must reach the server before we ack, or a message published right
                 # after the ack could miss us.
-                await nc.flush(timeout=max(1, int(self._broker.settings.request_timeout_s)))
+                await flush(nc, self._broker.settings.request_timeout_s)
             except BaseException as error:
                 if self._channels.get(subject) is entry:
                     del self._channels[subject]
+                # A SUB whose flush timed out may still reach the server later: without
+                # this, the failed subscribers (told so with an err) would go on receiving
+                # the channel through a subscription nobody owns, and get every message
+                # twice once they subscribe again (a duplicate the fault suite found).
+                entry.subscribers.clear()
+                entry.json_subscribers = 0
+                if entry.subscription is not None:
+                    with contextlib.suppress(Exception):
+                        await entry.subscription.unsubscribe()
                 entry.ready.set_exception(error)
                 entry.ready.exception()  # mark retrieved: other waiters get it too
                 raise

@@ -8,6 +8,7 @@ as a guard), then one batched direct get reads the range forward.
 from __future__ import annotations
 
 import asyncio
+import base64
 from dataclasses import dataclass
 
 import orjson
@@ -75,6 +76,33 @@ class StreamReader:
         if newest is None or oldest is None:  # empty, or purged in between
             return None
         return ChannelBounds(self._stored(oldest), self._stored(newest))
+
+    async def leader_newest_serial(self, subject: str) -> int:
+        """The channel's newest serial as the stream's leader knows it (0 when empty).
+
+        Direct gets are answered by any replica, and a replica that was cut off catches up
+        only after it is back: for a moment it answers with an older newest serial. This
+        read goes through the JetStream API, which only the leader answers; it costs a round
+        trip through the leader, so ``HistoryService`` uses it only to confirm a cursor that
+        seems to lie beyond the newest serial."""
+        request = orjson.dumps({"last_by_subj": subject})
+        reply = await self._nc.request(
+            f"$JS.API.STREAM.MSG.GET.{self._stream}", request, timeout=self._timeout
+        )
+        answer = orjson.loads(reply.data)
+        error = answer.get("error")
+        if error is not None:
+            if error.get("code") == 404:
+                return 0
+            raise ProtocolError(ErrorCode.SERVER, f"stream read failed: {error.get('description')}")
+        encoded = (answer.get("message") or {}).get("hdrs")
+        if not encoded:
+            return 0
+        for line in base64.b64decode(encoded).split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().decode(errors="replace") == SERIAL_HEADER:
+                return int(value.strip())
+        return 0
 
     async def sequence_of(self, subject: str, bounds: ChannelBounds, serial: int) -> int:
         """The stream sequence of ``serial`` (which must lie within ``bounds``)."""

@@ -39,6 +39,8 @@ DEFAULT_REPLY_BUDGET = 1024 * 1024 - REPLY_HEADROOM
 # A page is read in chunks so that big messages are not all read only to be cut: the first
 # chunk is the default hist page; later ones are sized from the bytes seen so far.
 _FIRST_CHUNK = 100
+# How long a query waits for a replica that is behind the stream's leader to catch up.
+_CATCH_UP_S = 2.0
 
 
 class HistoryService:
@@ -81,6 +83,13 @@ class HistoryService:
             if not found:
                 return HistoryResult((), False, newest)
             cursor = found
+        if cursor > newest and query.op in (HistoryOp.RESUME, HistoryOp.FETCH):
+            # The client saw a serial beyond what this read found: either the server lost
+            # it (resumed:false) or the replica that answered is behind, just back from a
+            # partition. Only the leader can tell (issue 14's partition fault).
+            bounds = await self._caught_up_bounds(subject, bounds, cursor)
+            oldest = bounds.oldest.serial if bounds else 0
+            newest = bounds.newest.serial if bounds else 0
         span = history.query_range(query.op, oldest, newest, cursor, limit, query.before)
         if not span.count or bounds is None:
             return HistoryResult((), span.flag, newest)
@@ -96,6 +105,23 @@ class HistoryService:
             # of the span is the next page.
             flag = True
         return HistoryResult(tuple(members[cut.start : cut.stop]), flag, newest)
+
+    async def _caught_up_bounds(
+        self, subject: str, bounds: ChannelBounds | None, cursor: int
+    ) -> ChannelBounds | None:
+        """``bounds`` re-read until they reach the leader's newest serial (or ``cursor``).
+        A replica behind the leader catches up within moments of rejoining; if it has not
+        after ``_CATCH_UP_S``, the query fails with 50000 (retry) rather than answering
+        resumed:false, which would tell the client that acked messages are gone."""
+        leader_newest = await self._reader.leader_newest_serial(subject)
+        wanted = min(leader_newest, cursor)
+        deadline = asyncio.get_running_loop().time() + _CATCH_UP_S
+        while (bounds.newest.serial if bounds else 0) < wanted:
+            if asyncio.get_running_loop().time() > deadline:
+                raise ProtocolError(ErrorCode.SERVER, "history replica behind the leader, retry")
+            await asyncio.sleep(0.05)
+            bounds = await self._reader.bounds(subject)
+        return bounds
 
     def _next_chunk(self, used: int, count: int) -> int:
         """How many more members probably fill the budget (plus one, to see it overflow),

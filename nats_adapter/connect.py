@@ -11,7 +11,7 @@ from nats.aio.client import Client as NatsClient
 
 from shared.settings import Settings
 
-__all__ = ["connect", "connect_with_back_off"]
+__all__ = ["connect", "connect_with_back_off", "flush"]
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +24,10 @@ _LONGEST_RETRY_S = 5.0
 # docs/GUARANTEES.md); with these it moves within about 8 s.
 _PING_INTERVAL_S = 2
 _MAX_OUTSTANDING_PINGS = 3
+# How long the PING behind a timed-out ``flush`` may wait for its PONG (see ``flush``).
+_FLUSH_BACKSTOP_S = 60
+# The PINGs of ``flush`` calls that timed out, kept until their PONG (or the backstop).
+_late_flushes: set[asyncio.Task[None]] = set()
 
 
 async def connect(
@@ -69,3 +73,28 @@ async def connect_with_back_off(settings: Settings, name: str) -> NatsClient:
             log.warning("NATS not reachable (%s); retrying in %.1fs", error, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, _LONGEST_RETRY_S)
+
+
+async def flush(client: NatsClient, timeout: float) -> None:  # noqa: ASYNC109 - a NATS flush deadline
+    """Wait until the server has processed everything written so far, or raise
+    ``nats.errors.FlushTimeoutError`` after ``timeout`` seconds.
+
+    Not ``client.flush(timeout)``: when that times out, nats-py 2.16 cancels the PING's
+    future but leaves it queued, and the late PONG then raises InvalidStateError in the read
+    loop, which ends it: the connection stops reading until pings declare it stale (found by
+    issue 14's fault suite after a 1 s stall of a node). Here the PING keeps waiting in the
+    background (up to a minute, far beyond the stale-connection pings), so its PONG is taken
+    normally whenever it comes."""
+    ping = asyncio.ensure_future(client.flush(timeout=_FLUSH_BACKSTOP_S))
+    try:
+        await asyncio.wait_for(asyncio.shield(ping), timeout)
+    except TimeoutError:
+        _late_flushes.add(ping)
+        ping.add_done_callback(_forget_late_flush)
+        raise nats.errors.FlushTimeoutError from None
+
+
+def _forget_late_flush(ping: asyncio.Task[None]) -> None:
+    _late_flushes.discard(ping)
+    if not ping.cancelled():
+        ping.exception()  # retrieved: a late failure is expected and already reported
