@@ -76,7 +76,7 @@ class Subscriber(Protocol):
 
 
 class _Channel:
-    __slots__ = ("json_subscribers", "ready", "subscribers", "subscription")
+    __slots__ = ("json_subscribers", "newest", "ready", "subscribers", "subscription")
 
     def __init__(self) -> None:
         self.subscribers: set[Subscriber] = set()
@@ -84,6 +84,8 @@ class _Channel:
         # at each subscriber.
         self.json_subscribers = 0
         self.subscription: Subscription | None = None
+        # The newest stored serial fanned out here (a floor for history reads).
+        self.newest = 0
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def add(self, subscriber: Subscriber) -> None:
@@ -121,6 +123,12 @@ class ChannelRouter:
     def subscription_count(self) -> int:
         """Subscriptions of local connections, all channels together (read when scraped)."""
         return sum(len(entry.subscribers) for entry in self._channels.values())
+
+    def newest_serial(self, app: str, channel: str) -> int:
+        """The newest stored serial this gateway delivered live on the channel (0: none or
+        not subscribed here)."""
+        entry = self._channels.get(subjects.live_subject(app, channel))
+        return entry.newest if entry is not None else 0
 
     async def add(self, app: str, channel: str, subscriber: Subscriber) -> None:
         """Subscribe ``subscriber``; returns once NATS will route the channel's messages here."""
@@ -190,6 +198,8 @@ class ChannelRouter:
             sent_bytes.value += delivery.queued_bytes(count, entry.json_subscribers)
             message = delivery.message
             if message.serial:  # stored: its timestamp was set when it was published
+                if message.serial > entry.newest:
+                    entry.newest = message.serial
                 lag.observe(max(0.0, time.time() - message.timestamp / 1000))
 
         return on_message

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections.abc import Callable
 
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
@@ -11,7 +13,7 @@ from gateway.broker import Broker
 from gateway.metrics import METRICS
 from shared import history, subjects
 from shared.errors import ErrorCode, ProtocolError
-from shared.history import HistoryQuery, HistoryResult
+from shared.history import HistoryOp, HistoryQuery, HistoryResult
 
 __all__ = ["HistoryClient"]
 
@@ -19,11 +21,16 @@ __all__ = ["HistoryClient"]
 class HistoryClient:
     """Asks a history worker; never reads the stream itself."""
 
-    def __init__(self, broker: Broker) -> None:
+    def __init__(self, broker: Broker, newest_seen: Callable[[str, str], int]) -> None:
         self._broker = broker
+        self._newest_seen = newest_seen
 
     async def query(self, query: HistoryQuery) -> HistoryResult:
         """Return the worker's answer; ``ProtocolError`` 50000 when none answers in time."""
+        if query.op in (HistoryOp.RESUME, HistoryOp.FETCH):
+            seen = self._newest_seen(query.app, query.channel)
+            if seen > query.at_least:
+                query = dataclasses.replace(query, at_least=seen)
         nc = self._broker.client()
         started = time.perf_counter()
         try:

@@ -139,12 +139,13 @@ class GatewayServices:
         broker = Broker(settings)
         keyring = settings.keyring()
         registry = ConnectionRegistry()
+        router = ChannelRouter(broker)
         return cls(
             settings=settings,
             keyring=keyring,
             broker=broker,
-            router=ChannelRouter(broker),
-            history=HistoryClient(broker),
+            router=router,
+            history=HistoryClient(broker, router.newest_serial),
             presence=PresenceService(broker),
             registry=registry,
             keys=KeyRegistry(settings, keyring, broker, registry.connections.values),

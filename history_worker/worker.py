@@ -83,11 +83,12 @@ class HistoryService:
             if not found:
                 return HistoryResult((), False, newest)
             cursor = found
-        if cursor > newest and query.op in (HistoryOp.RESUME, HistoryOp.FETCH):
-            # The client saw a serial beyond what this read found: either the server lost
-            # it (resumed:false) or the replica that answered is behind, just back from a
-            # partition. Only the leader can tell (issue 14's partition fault).
-            bounds = await self._caught_up_bounds(subject, bounds, cursor)
+        floor = max(cursor, query.at_least)
+        if newest < floor and query.op in (HistoryOp.RESUME, HistoryOp.FETCH):
+            # The client (or its gateway) saw a serial beyond what this read found: either
+            # the server lost it (resumed:false) or the replica that answered is behind,
+            # just back from a partition (issue 14's partition fault).
+            bounds = await self._caught_up_bounds(subject, bounds, cursor, query.at_least)
             oldest = bounds.oldest.serial if bounds else 0
             newest = bounds.newest.serial if bounds else 0
         span = history.query_range(query.op, oldest, newest, cursor, limit, query.before)
@@ -107,14 +108,17 @@ class HistoryService:
         return HistoryResult(tuple(members[cut.start : cut.stop]), flag, newest)
 
     async def _caught_up_bounds(
-        self, subject: str, bounds: ChannelBounds | None, cursor: int
+        self, subject: str, bounds: ChannelBounds | None, cursor: int, at_least: int
     ) -> ChannelBounds | None:
-        """``bounds`` re-read until they reach the leader's newest serial (or ``cursor``).
-        A replica behind the leader catches up within moments of rejoining; if it has not
-        after ``_CATCH_UP_S``, the query fails with 50000 (retry) rather than answering
-        resumed:false, which would tell the client that acked messages are gone."""
-        leader_newest = await self._reader.leader_newest_serial(subject)
-        wanted = min(leader_newest, cursor)
+        """``bounds`` re-read until they reach ``at_least`` (a serial the gateway delivered
+        live, so certainly stored) and, for a client cursor beyond both, the leader's newest
+        serial (only the leader can tell a lost serial from a replica behind). A replica
+        behind its leader catches up within moments of rejoining; if it has not after
+        ``_CATCH_UP_S``, the query fails with 50000 (retry) rather than answering
+        resumed:false or an empty gap fill, which would hide acked messages."""
+        wanted = at_least
+        if cursor > at_least:
+            wanted = max(wanted, min(await self._reader.leader_newest_serial(subject), cursor))
         deadline = asyncio.get_running_loop().time() + _CATCH_UP_S
         while (bounds.newest.serial if bounds else 0) < wanted:
             if asyncio.get_running_loop().time() > deadline:

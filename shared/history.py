@@ -76,6 +76,10 @@ class HistoryQuery:
     from_serial: int = 0
     # Legacy JSON clients name a message instead of a serial (``lastMessageId``, ``start``).
     message_id: str = ""
+    # A serial the asking gateway has already delivered live on this channel, so the stream
+    # certainly holds it: a replica whose newest serial is lower is behind its leader (just
+    # back from a partition) and must catch up before answering a resume or a fetch.
+    at_least: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +235,7 @@ def encode_query(query: HistoryQuery) -> bytes:
             "before": query.before,
             "fromSerial": query.from_serial,
             "messageId": query.message_id,
+            "atLeast": query.at_least,
         }
     )
 
@@ -247,6 +252,7 @@ def decode_query(data: bytes) -> HistoryQuery:
             int(value.get("before", 0)),
             int(value.get("fromSerial", 0)),
             str(value.get("messageId", "")),
+            int(value.get("atLeast", 0)),
         )
     except (orjson.JSONDecodeError, KeyError, ValueError, TypeError) as error:
         raise ProtocolError(ErrorCode.BAD_FRAME, f"malformed history query: {error}") from None

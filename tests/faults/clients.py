@@ -371,6 +371,10 @@ class Subscriber(_Client):
         if serial in received:
             self.stats.redelivered += 1  # the SDK drops it (id dedup); the app never sees it
             return
+        if source is DeliverySource.LIVE and serial < max(received, default=0):
+            # Below a serial already received: a resume replay healing a gap the live feed
+            # left, which arrives after the later serials by design (like a fetch).
+            source = DeliverySource.FETCH
         received.add(serial)
         self.history.delivered(
             self.name, channel, serial, str(frame.get("messageId", "")), now(), source

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import nats
 import nats.js.errors
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from shared import binary_codec, subjects
 from testing.cluster import Service, http_status, start_service, wait_for_history_worker
@@ -148,37 +148,37 @@ def _merge(stats: list[ClientStats]) -> dict[int, int]:
 
 async def read_stored(nats_urls: str, channel: str) -> list[tuple[int, str]]:
     """A channel's whole history as the stream's leader holds it (an ephemeral consumer,
-    not the service's own read path): (serial, messageId) pairs in stream order."""
+    not the service's own read path): (serial, messageId) pairs in stream order. Retried
+    from scratch for up to 30 s: just after a fault the JetStream API may not answer."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return await _read_stored_once(nats_urls, channel)
+        except (nats.js.errors.ServiceUnavailableError, nats.errors.TimeoutError):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
+
+
+async def _read_stored_once(nats_urls: str, channel: str) -> list[tuple[int, str]]:
     client = await nats.connect(servers=nats_urls.split(","), connect_timeout=5)
     try:
         js = client.jetstream(timeout=10)
-        deadline = time.monotonic() + 30
-        while True:
-            # Just after a fault the JetStream API may have no responder for a moment.
-            try:
-                subscription = await js.pull_subscribe(
-                    subjects.stored_subject(APP, channel),
-                    stream=STREAM,
-                    config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, mem_storage=True),
-                )
-                break
-            except (nats.js.errors.ServiceUnavailableError, nats.errors.TimeoutError):
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.5)
+        subscription = await js.pull_subscribe(
+            subjects.stored_subject(APP, channel),
+            stream=STREAM,
+            config=ConsumerConfig(
+                deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE, mem_storage=True
+            ),
+        )
+        total = (await subscription.consumer_info()).num_pending or 0
         stored: list[tuple[int, str]] = []
-        while True:
-            try:
-                batch = await subscription.fetch(1000, timeout=2)
-            except nats.errors.TimeoutError:
-                break
-            for msg in batch:
+        while len(stored) < total:
+            for msg in await subscription.fetch(min(1000, total - len(stored)), timeout=5):
                 serial = int((msg.headers or {}).get(subjects.SERIAL_HEADER, 0))
                 stored.append((serial, binary_codec.decode_member(msg.data).message_id))
-                await msg.ack()
-            if batch[-1].metadata.num_pending == 0:
-                break
-        await subscription.unsubscribe()
+        with contextlib.suppress(Exception):
+            await subscription.unsubscribe()
         return stored
     finally:
         await client.close()

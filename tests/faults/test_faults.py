@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import time
 from collections.abc import Iterator
 
@@ -32,7 +34,8 @@ from tests.faults.harness import (
     Storm,
     fault_cluster,
 )
-from tests.support import json_client
+from tests.interop.sdk import NODE_DIR, require_sdk
+from tests.support import APP_KEY, json_client
 
 pytestmark = pytest.mark.timeout(600 if LONG else 240)
 
@@ -41,6 +44,8 @@ DOWN_S = 10.0 if LONG else 4.0
 STALL_S = 10.0  # the issue's "long GC pause" and partition, in both versions
 # How long the whole NATS cluster is unreachable mid-run.
 OUTAGE_S = 30.0 if LONG else 10.0
+# SDK clients (real @foony/realtime, one node process) among the killed gateway's clients.
+SDK_CROWD = 100 if LONG else 40
 
 
 @pytest.fixture
@@ -163,7 +168,9 @@ async def test_partition_isolating_the_stream_leader() -> None:
 
 
 async def test_sigkill_of_a_gateway_with_hundreds_of_clients(cluster: FaultCluster) -> None:
-    """Every client of the killed gateway comes back on the other one and resumes."""
+    """Every client of the killed gateway comes back and resumes: the Python crowd on the
+    other gateway, the SDK crowd on the same address once the gateway is back."""
+    require_sdk()
     storm = Storm(cluster)
     crowd_channel = storm.channels[0]
     crowd = [
@@ -173,6 +180,25 @@ async def test_sigkill_of_a_gateway_with_hundreds_of_clients(cluster: FaultClust
     stop_crowd = asyncio.Event()
     crowd_tasks = [asyncio.create_task(c.run(stop_crowd)) for c in crowd]
     await asyncio.wait_for(asyncio.gather(*(c.subscribed.wait() for c in crowd)), 60)
+    # The real SDK too: its clients reconnect to the same address (the gateway comes back
+    # on its port, as behind a load balancer) and resume by serial by themselves.
+    sdk = await asyncio.create_subprocess_exec(
+        "node",
+        str(NODE_DIR / "crowd.mjs"),
+        cwd=NODE_DIR.parent,
+        env={
+            **os.environ,
+            "RT_URL": cluster.urls[0],
+            "RT_KEY": APP_KEY,
+            "RT_CHANNEL": crowd_channel,
+            "RT_COUNT": str(SDK_CROWD),
+        },
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert sdk.stdin is not None and sdk.stdout is not None
+    ready = await asyncio.wait_for(sdk.stdout.readline(), 60)
+    assert ready.strip() == b"ready", ready
     victim = cluster.gateways[0]
     recovered_after: list[float] = []
 
@@ -188,12 +214,25 @@ async def test_sigkill_of_a_gateway_with_hundreds_of_clients(cluster: FaultClust
         await in_thread(cluster.wait_ready, cluster.gateways[0])
 
     try:
-        outcome = await storm.run("SIGKILL gateway (200 + storm clients)", fault)
+        outcome = await storm.run(f"SIGKILL gateway ({len(crowd)} + {SDK_CROWD} SDK)", fault)
     finally:
         stop_crowd.set()
         for task in crowd_tasks:
             task.cancel()
         await asyncio.gather(*crowd_tasks, return_exceptions=True)
+        sdk.stdin.write(b"stop\n")
+        await sdk.stdin.drain()
+        output, _ = await asyncio.wait_for(sdk.communicate(), 30)
+    sdk_clients = json.loads(output.decode().strip().splitlines()[-1])
+    newest = max(serial for serial, _ in storm.history.history[crowd_channel])
+    for record in sdk_clients:
+        serials = record["serials"]
+        assert serials == list(range(serials[0], newest + 1)), (
+            f"an SDK client missed or repeated serials: {record['states']}"
+        )
+        assert record["state"] == "connected"
+        reattached = [s for s in record["states"] if s["current"] == "attached"][1:]
+        assert reattached and all(s["resumed"] for s in reattached), record["states"]
     print(f"\n{len(crowd)} clients of the killed gateway resumed in {recovered_after[0]:.2f} s")
     assert recovered_after[0] < 15
     resumed_flags = [
