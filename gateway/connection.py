@@ -474,6 +474,7 @@ class Connection:
         """
         if not self.session.end():
             return
+        self.services.finished_connections += 1
         self.outbox.close()
         if log.isEnabledFor(logging.DEBUG):
             log.debug(

@@ -47,6 +47,8 @@ class Outbox:
         self.on_ready: Callable[[], None] | None = None
         # Called once when the queue overflows (the transport closes the connection).
         self.on_overflow: Callable[[], None] | None = None
+        # Called once when the outbox closes (the connection started closing).
+        self.on_close: Callable[[], None] | None = None
 
     @property
     def size(self) -> int:
@@ -132,6 +134,8 @@ class Outbox:
 
     def close(self) -> None:
         """Stop accepting frames; ``get`` returns what is queued, then nothing."""
+        if not self.closed and self.on_close is not None:
+            self.on_close()
         self.closed = True
         self._wakeup.set()
         drained, self._drained = self._drained, None

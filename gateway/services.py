@@ -127,6 +127,9 @@ class GatewayServices:
     # Set on SIGTERM (gateway.drain): /readyz fails and new connections are refused while
     # the open ones are closed, spread over RT_DRAIN_S.
     draining: bool = False
+    # Connections (of any transport, authenticated or not) that ended since start: the
+    # gateway's full garbage collections follow it (gateway.main).
+    finished_connections: int = 0
 
     def __post_init__(self) -> None:
         # The registry is built before the settings are at hand (a field default, or by

@@ -56,7 +56,16 @@ async def serve_websocket(
         max_msg_size=max(4 * settings.max_frame_bytes, 1024 * 1024),
         autoping=True,
     )
-    await socket.prepare(request)
+    try:
+        await socket.prepare(request)
+    except ValueError:
+        # aiohttp 3.14 raises (a 500 and a traceback) on non-ASCII bytes in the key, version
+        # or Connection header instead of refusing them (found by tests/integration/
+        # test_floods.py's handshake fuzzing). UnicodeError is a ValueError.
+        return error_response(ErrorCode.BAD_FRAME, "malformed WebSocket handshake", status=400)
+    except ConnectionError:
+        # The client left before the 101 was written: nobody to answer.
+        return web.Response(status=499)
     connection = Connection(services, "websocket")
     transport = request.transport
     direct: DirectWriter | None = None
@@ -65,6 +74,7 @@ async def serve_websocket(
         connection.outbox.on_ready = direct.ready
     writer = asyncio.create_task(write_slowly(socket, connection, direct))
     connection.outbox.on_overflow = lambda: _overflowed(connection, writer)
+    connection.outbox.on_close = lambda: _bound_close(writer, transport)
     loop = asyncio.get_running_loop()
     last_seen = [loop.time()]
     watchdog = asyncio.create_task(_watch_silence(connection, last_seen, settings))
@@ -123,6 +133,22 @@ def _overflowed(connection: Connection, writer: asyncio.Task[None]) -> None:
     METRICS.slow_consumer_disconnects.inc()
     connection.close(CLOSE_TRY_AGAIN_LATER, "slow consumer")
     writer.cancel()
+
+
+def _bound_close(writer: asyncio.Task[None], transport: asyncio.Transport | None) -> None:
+    """The connection started closing (an expired or revoked credential, silence, a
+    drain): if its writer is still stuck behind a client that does not read after
+    ``_WRITE_DRAIN_TIMEOUT_S``, cancel it and drop the socket, which also wakes the reader.
+    Without this, a stalled subscriber kept its slot, outbox and socket buffers for as
+    long as its peer stayed silent (test_floods.py)."""
+
+    def expire() -> None:
+        if not writer.done():
+            writer.cancel()
+        if transport is not None and not transport.is_closing():
+            transport.abort()
+
+    asyncio.get_running_loop().call_later(_WRITE_DRAIN_TIMEOUT_S, expire)
 
 
 async def _watch_silence(

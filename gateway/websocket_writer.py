@@ -124,6 +124,7 @@ async def write_slowly(
                 # (rare) slow socket instead.
                 while (  # noqa: ASYNC110
                     not transport.is_closing()
+                    and not connection.is_closing
                     and transport.get_write_buffer_size() > _TRANSPORT_LOW_WATER
                 ):
                     await asyncio.sleep(_DRAIN_POLL_S)
@@ -143,3 +144,6 @@ async def write_slowly(
                 await socket.close(
                     code=connection.close_code, message=connection.close_reason.encode()[:120]
                 )
+        if direct is not None and direct.transport.get_write_buffer_size():
+            # Bytes the client never read would keep the socket (and its reader) alive.
+            direct.transport.abort()

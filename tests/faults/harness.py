@@ -171,10 +171,17 @@ async def _read_stored_once(nats_urls: str, channel: str) -> list[tuple[int, str
                 deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE, mem_storage=True
             ),
         )
-        total = (await subscription.consumer_info()).num_pending or 0
+        # Read up to the channel's newest message as the leader has it (its serial, from the
+        # JetStream API, which only the leader answers): a consumer's num_pending, read
+        # right after a cluster restart, once undercounted and cut the read short.
+        try:
+            last = await js.get_last_msg(STREAM, subjects.stored_subject(APP, channel))
+            newest = int((last.headers or {}).get(subjects.SERIAL_HEADER, 0))
+        except nats.js.errors.NotFoundError:
+            newest = 0
         stored: list[tuple[int, str]] = []
-        while len(stored) < total:
-            for msg in await subscription.fetch(min(1000, total - len(stored)), timeout=5):
+        while newest and (not stored or stored[-1][0] < newest):
+            for msg in await subscription.fetch(1000, timeout=5):
                 serial = int((msg.headers or {}).get(subjects.SERIAL_HEADER, 0))
                 stored.append((serial, binary_codec.decode_member(msg.data).message_id))
         with contextlib.suppress(Exception):
