@@ -240,6 +240,21 @@ def write_report(results: dict[str, Any], path: Path, folder: Path) -> None:
             "latency columns include the load generator's own delay: its 1,000 aiohttp "
             "clients use about a whole core here.",
         ]
+    reconnect = results.get("reconnect")
+    if reconnect:
+        median = reconnect["median"]
+        clients = reconnect["runs"][0]["clients"]
+        lines += [
+            "",
+            "## Reconnect storms",
+            "",
+            f"{clients:,} clients arriving at once on one gateway, each connecting, "
+            "authenticating and subscribing with a resume cursor 5 messages back on one of 100 "
+            f"channels (`bench.reconnect`): {_number(median['rate'])} resumed/s (runs "
+            f"{[r['rate'] for r in reconnect['runs']]}), {median['gateway_us_per_client']} us "
+            f"of gateway CPU and {median['worker_us_per_client']} us of history-worker CPU per "
+            "client.",
+        ]
     history = results.get("history")
     if history:
         lines += [

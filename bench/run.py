@@ -20,6 +20,7 @@ from typing import Any
 from bench import history as history_bench
 from bench import longpoll as longpoll_bench
 from bench import publish as publish_bench
+from bench import reconnect as reconnect_bench
 from bench.fanout import (
     LoadProcesses,
     PublisherProcess,
@@ -434,6 +435,10 @@ def main(argv: list[str] | None = None) -> None:
     print("long-polling ...", flush=True)
     results["longpoll"] = longpoll_bench.main(
         ["--seconds", str(seconds), "--rates", "10" if quick else "10,50"]
+    )
+    print("reconnect storm ...", flush=True)
+    results["reconnect"] = reconnect_bench.main(
+        ["--clients", "2000" if quick else "10000", "--runs", str(runs)]
     )
     print("publish ...", flush=True)
     publish = publish_bench.main(["--seconds", str(seconds), "--runs", str(runs)])
