@@ -197,16 +197,21 @@ def _payload(filler: int) -> bytes:
     return b'{"sent":' + str(time.time_ns()).encode() + b',"pad":"' + b"x" * filler + b'"}'
 
 
-def _filler() -> int:
-    return max(0, PAYLOAD_BYTES - len(_payload(0)))
+def _filler(payload_bytes: int = PAYLOAD_BYTES) -> int:
+    return max(0, payload_bytes - len(_payload(0)))
 
 
 async def _publish_realtime(
-    url: str, key: str, channels: tuple[str, ...], rate: float, seconds: float
+    url: str,
+    key: str,
+    channels: tuple[str, ...],
+    rate: float,
+    seconds: float,
+    payload_bytes: int = PAYLOAD_BYTES,
 ) -> int:
     import websockets
 
-    filler = _filler()
+    filler = _filler(payload_bytes)
     sent = 0
     async with websockets.connect(url, compression=None, max_queue=None) as socket:
         await socket.send(_record(AuthFrame(key=key, client_id=f"pub-{os.getpid()}")))
@@ -271,13 +276,16 @@ def _publisher_main(
     rate: float,
     seconds: float,
     result: Any,
+    payload_bytes: int = PAYLOAD_BYTES,
 ) -> None:
     import uvloop
 
     if kind == "nats":
         result.put(uvloop.run(_publish_nats(target, rate, seconds)))
     else:
-        result.put(uvloop.run(_publish_realtime(target, key, channels, rate, seconds)))
+        result.put(
+            uvloop.run(_publish_realtime(target, key, channels, rate, seconds, payload_bytes))
+        )
 
 
 class PublisherProcess:
@@ -291,12 +299,13 @@ class PublisherProcess:
         channels: tuple[str, ...] = ("bench",),
         rate: float = 0.0,
         seconds: float = 5.0,
+        payload_bytes: int = PAYLOAD_BYTES,
     ) -> None:
         context = multiprocessing.get_context("spawn")
         self.result = context.Queue()
         self.process = context.Process(
             target=_publisher_main,
-            args=(kind, target, key, channels, rate, seconds, self.result),
+            args=(kind, target, key, channels, rate, seconds, self.result, payload_bytes),
             daemon=True,
         )
 
