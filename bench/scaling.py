@@ -127,6 +127,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
             axis.plot([x for x, _ in nats], [y for _, y in nats], marker="s", label="nats-server")
             axis.legend()
         axis.set_xscale("log")
+        axis.set_ylim(bottom=0)
         axis.set_xlabel(xlabel)
         axis.set_ylabel(ylabel)
         axis.grid(True, alpha=0.3)
