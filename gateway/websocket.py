@@ -72,9 +72,13 @@ async def serve_websocket(
     if transport is not None:
         direct = DirectWriter(connection, transport, scheduler)
         connection.outbox.on_ready = direct.ready
-    writer = asyncio.create_task(write_slowly(socket, connection, direct))
-    connection.outbox.on_overflow = lambda: _overflowed(connection, writer)
-    connection.outbox.on_close = lambda: _bound_close(writer, transport)
+    slow = _SlowPath(socket, connection, direct)
+    if direct is None:
+        slow.start()
+    else:
+        direct.on_slow = slow.start
+    connection.outbox.on_overflow = lambda: _overflowed(connection, slow)
+    connection.outbox.on_close = lambda: _bound_close(slow.start(), transport)
     loop = asyncio.get_running_loop()
     watchdog = _SilenceWatch(connection, settings)
     graceful = False
@@ -113,6 +117,7 @@ async def serve_websocket(
     finally:
         watchdog.cancel()
         connection.close(connection.close_code, connection.close_reason)
+        writer = slow.start()  # it sends the close frame
         try:
             await asyncio.wait_for(asyncio.shield(writer), _WRITE_DRAIN_TIMEOUT_S)
         except BaseException:  # whatever happened (timeout, cancel), tear down below
@@ -124,14 +129,46 @@ async def serve_websocket(
     return socket
 
 
-def _overflowed(connection: Connection, writer: asyncio.Task[None]) -> None:
+class _SlowPath:
+    """The connection's writer task (``write_slowly``), started only when it is needed: a
+    backed-up socket, an overflow, or the close (it sends the close frame). Until then the
+    direct path writes everything, and an idle connection carries no writer task (~1.5 KB
+    of every idle connection, issue 15)."""
+
+    __slots__ = ("_connection", "_direct", "_socket", "task")
+
+    def __init__(
+        self,
+        socket: web.WebSocketResponse,
+        connection: Connection,
+        direct: DirectWriter | None,
+    ) -> None:
+        self._socket = socket
+        self._connection = connection
+        self._direct = direct
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> asyncio.Task[None]:
+        """The writer task, started on the first call."""
+        if self.task is None:
+            self.task = asyncio.create_task(
+                write_slowly(self._socket, self._connection, self._direct)
+            )
+        return self.task
+
+
+def _overflowed(connection: Connection, slow: _SlowPath) -> None:
     """The client stopped reading and its queue passed twice the bound: close it (1013).
 
-    The queued data is already discarded; the writer, possibly stuck waiting for the socket
-    to drain, is cancelled and tries the close frame for a bounded time, then aborts."""
+    The queued data is already discarded; a writer that was running, possibly stuck
+    waiting for the socket to drain, is cancelled and tries the close frame for a bounded
+    time, then aborts. One that the close starts now has nothing to wait for: it sends the
+    close frame (cancelling it before its first step would skip that)."""
     METRICS.slow_consumer_disconnects.inc()
+    running = slow.task
     connection.close(CLOSE_TRY_AGAIN_LATER, "slow consumer")
-    writer.cancel()
+    if running is not None:
+        running.cancel()
 
 
 def _bound_close(writer: asyncio.Task[None], transport: asyncio.Transport | None) -> None:

@@ -73,7 +73,7 @@ class FlushScheduler:
 class DirectWriter:
     """Writes a connection's outbox to its transport at the end of the loop iteration."""
 
-    __slots__ = ("backed_up", "connection", "scheduler", "transport")
+    __slots__ = ("backed_up", "connection", "on_slow", "scheduler", "transport")
 
     def __init__(
         self, connection: Connection, transport: asyncio.Transport, scheduler: FlushScheduler
@@ -82,6 +82,8 @@ class DirectWriter:
         self.transport = transport
         self.scheduler = scheduler
         self.backed_up = False
+        # Starts the slow path's task (``write_slowly``) if it is not running yet.
+        self.on_slow: Callable[[], object] | None = None
 
     def ready(self) -> None:
         """The outbox got its first frame: flush at the end of this iteration."""
@@ -92,16 +94,21 @@ class DirectWriter:
         outbox = self.connection.outbox
         transport = self.transport
         if self.backed_up or outbox.closed or transport.is_closing():
-            outbox.wake()  # the writer task handles slow sockets, overflow and closing
+            self._slow()  # the writer task handles slow sockets, overflow and closing
             return
         if transport.get_write_buffer_size() > _TRANSPORT_HIGH_WATER:
             self.backed_up = True
-            outbox.wake()
+            self._slow()
             return
         opcode = OPCODE_TEXT if self.connection.session.codec is Codec.JSON else OPCODE_BINARY
         framed = self.scheduler.framed
         for message in outbox.take():
             transport.write(framed(message, opcode))
+
+    def _slow(self) -> None:
+        if self.on_slow is not None:
+            self.on_slow()
+        self.connection.outbox.wake()
 
 
 async def write_slowly(
