@@ -12,8 +12,9 @@ NOTES = [
     "- Saturated fan-out packs many records into each WebSocket write (one write per "
     "connection per event-loop iteration), which is how it beats nats-server's CPU per "
     "delivery at N=1,000. Paced messages arrive one at a time and cost one write per "
-    "connection each, so 50% and 90% of the saturated rate are beyond what paced delivery "
-    "sustains on this machine: those latency points measure a growing queue, not the path.",
+    "connection each: the latency points are fixed paced rates (deliveries/s = messages/s x "
+    "subscribers), and `python -m bench.latency_split` splits them into the gateway's own "
+    "publish-to-fan-out lag and the client's read.",
     "- The cross-gateway path itself (N=2, paced) measured p50 ~1.2 ms, p99 ~1.6 ms; at "
     "N=1,000 one fan-out pass over 1,000 sockets takes ~2-3 ms, and the tail comes from the "
     "two cores being shared with nats-server, the other gateway and the load generators.",
@@ -94,7 +95,7 @@ def _plots(results: dict[str, Any], folder: Path) -> list[str]:
         loads = list(latency)
         axis.plot(loads, [latency[k]["p50_ms"] for k in loads], marker="o", label="p50")
         axis.plot(loads, [latency[k]["p99_ms"] for k in loads], marker="o", label="p99")
-        axis.set_xlabel("load (share of the saturated rate, or deliveries/s), N=1000")
+        axis.set_xlabel("paced deliveries/s, N=1000")
         axis.set_ylabel("publish -> deliver (ms), across 2 gateways")
         axis.set_title("Fan-out latency")
         axis.legend()

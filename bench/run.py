@@ -40,6 +40,11 @@ from testing.cluster import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
+# Paced latency points per fan-out size, in deliveries/s (issue 15): the targets name which.
+PACED_RATES: dict[int, tuple[int, ...]] = {
+    100: (100_000,),  # 1,000 msgs/s to 100 subscribers
+    1000: (50_000, 150_000, 300_000, 600_000, 1_000_000),
+}
 RESULTS = ROOT / "bench" / "results"
 PROCESSES = 2  # load-generating processes per side: this machine has two cores
 
@@ -295,25 +300,32 @@ TARGETS: list[tuple[str, str, Callable[[dict[str, Any]], float], str, float]] = 
         150_000,
     ),
     (
+        "fanout_p50_150k",
+        "fan-out N=1000 paced at 150k deliveries/s (150 msgs/s): p50 <= 2 ms",
+        lambda r: r["fanout"]["1000"]["latency"]["150k/s"]["p50_ms"],
+        "<=",
+        2.0,
+    ),
+    (
         "fanout_p99_150k",
-        "fan-out N=1000 paced at 150k deliveries/s: p99 <= 5 ms",
+        "fan-out N=1000 paced at 150k deliveries/s (150 msgs/s): p99 <= 5 ms",
         lambda r: r["fanout"]["1000"]["latency"]["150k/s"]["p99_ms"],
         "<=",
         5.0,
     ),
     (
-        "cross_gateway_p50",
-        "publish -> deliver across 2 gateways at 50% load: p50 <= 1 ms",
-        lambda r: r["fanout"]["1000"]["latency"]["50%"]["p50_ms"],
+        "cross_gateway_p99_n100",
+        "publish -> deliver across 2 gateways, N=100 at 1,000 msgs/s (100k/s): p99 <= 3 ms",
+        lambda r: r["fanout"]["100"]["latency"]["100k/s"]["p99_ms"],
         "<=",
-        1.0,
+        3.0,
     ),
     (
-        "cross_gateway_p99",
-        "publish -> deliver across 2 gateways at 50% load: p99 <= 5 ms",
-        lambda r: r["fanout"]["1000"]["latency"]["50%"]["p99_ms"],
+        "cross_gateway_p99_n1000",
+        "publish -> deliver across 2 gateways, N=1000 at 1,000 msgs/s (1M/s): p99 <= 3 ms",
+        lambda r: r["fanout"]["1000"]["latency"]["1000k/s"]["p99_ms"],
         "<=",
-        5.0,
+        3.0,
     ),
     (
         "publish_hot",
@@ -417,8 +429,10 @@ def main(argv: list[str] | None = None) -> None:
     with running_cluster(environment) as cluster:
         for size in sizes:
             print(f"fan-out N={size} ...", flush=True)
-            fractions = (0.1, 0.5, 0.9) if size == 1000 else ()
-            paced = (150_000,) if size == 1000 else ()
+            # Fixed paced rates (issue 15), not shares of the saturated rate: past what paced
+            # delivery sustains, a share measures a growing queue instead of the path.
+            fractions: tuple[float, ...] = ()
+            paced = PACED_RATES.get(size, ())
             results["fanout"][str(size)] = fanout(cluster, size, seconds, runs, fractions, paced)
             print(json.dumps(results["fanout"][str(size)]), flush=True)
         print("many channels ...", flush=True)
