@@ -8,7 +8,7 @@ from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.cors import Cors
-from gateway.http import error_response
+from gateway.http import error_response, expect_continue
 from gateway.longpoll import LongPollSessions
 from gateway.metrics import METRICS
 from gateway.rest import add_rest_routes
@@ -95,9 +95,9 @@ def create_app(services: GatewayServices) -> web.Application:
     app[WRITE_SCHEDULER] = FlushScheduler()
     long_poll = app[LONG_POLL] = LongPollSessions(services)
     long_poll.add_routes(app)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz, expect_handler=expect_continue)
+    app.router.add_get("/readyz", readyz, expect_handler=expect_continue)
+    app.router.add_get("/metrics", metrics, expect_handler=expect_continue)
     add_rest_routes(app, services, root)
-    app.router.add_route("*", "/{tail:.*}", root)
+    app.router.add_route("*", "/{tail:.*}", root, expect_handler=expect_continue)
     return app

@@ -4,13 +4,18 @@
 from __future__ import annotations
 
 import orjson
-from aiohttp import web
+from aiohttp import HttpVersion11, hdrs, web
 
 from gateway.metrics import METRICS
 from shared.errors import ErrorCode, ProtocolError, http_status_for
 from shared.limits import Limit
 
-__all__ = ["error_response", "read_body", "refusal_response"]
+__all__ = [
+    "error_response",
+    "expect_continue",
+    "read_body",
+    "refusal_response",
+]
 
 
 def error_response(code: ErrorCode, message: str, status: int | None = None) -> web.Response:
@@ -50,3 +55,18 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         # The client left mid-body: an answer nobody reads, not a traceback (test_floods.py).
         raise ProtocolError(ErrorCode.BAD_FRAME, "connection lost while reading the body") from None
     return bytes(body)
+
+
+async def expect_continue(request: web.Request) -> None:
+    """The ``Expect`` handler of every route: aiohttp's default, except that an unknown value
+    is refused (417) without being echoed. aiohttp formats it into the 417's text, and a
+    value with bytes that are not ASCII then fails to encode: a 500 and a traceback (found by
+    tests/integration/test_floods.py's handshake fuzzing)."""
+    if request.version != HttpVersion11:
+        return
+    if request.headers.get(hdrs.EXPECT, "").lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        # Not part of the response's own size (aiohttp does the same).
+        request.writer.output_size = 0
+        return
+    raise web.HTTPExpectationFailed(text="unknown Expect header")

@@ -27,7 +27,7 @@ import secrets
 from aiohttp import web
 
 from gateway.connection import Connection
-from gateway.http import error_response, read_body, refusal_response
+from gateway.http import error_response, expect_continue, read_body, refusal_response
 from gateway.metrics import METRICS
 from gateway.services import GatewayServices, RegisteredConnection
 from shared.auth import Identity
@@ -92,10 +92,10 @@ class LongPollSessions:
 
     def add_routes(self, app: web.Application) -> None:
         """Register ``/lp/connect``, ``/lp/send``, ``/lp/poll`` and ``/lp/disconnect``."""
-        app.router.add_post("/lp/connect", self.connect)
-        app.router.add_post("/lp/send", self.send)
-        app.router.add_post("/lp/poll", self.poll)
-        app.router.add_post("/lp/disconnect", self.disconnect)
+        app.router.add_post("/lp/connect", self.connect, expect_handler=expect_continue)
+        app.router.add_post("/lp/send", self.send, expect_handler=expect_continue)
+        app.router.add_post("/lp/poll", self.poll, expect_handler=expect_continue)
+        app.router.add_post("/lp/disconnect", self.disconnect, expect_handler=expect_continue)
 
     # ---- routes ----
 

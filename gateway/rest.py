@@ -23,7 +23,7 @@ from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 from nats.errors import Error as NatsError
 
-from gateway.http import error_response, read_body, refusal_response
+from gateway.http import error_response, expect_continue, read_body, refusal_response
 from gateway.metrics import METRICS
 from gateway.services import GatewayServices
 from nats_adapter.requests import RequestTimeout
@@ -219,11 +219,15 @@ def add_rest_routes(app: web.Application, services: GatewayServices, websocket: 
     for path, handlers in routes.items():
         resource = app.router.add_resource(path)
         for method, handler in handlers.items():
-            resource.add_route(method, _websocket_first(handler, websocket))
+            resource.add_route(
+                method, _websocket_first(handler, websocket), expect_handler=expect_continue
+            )
             if method == hdrs.METH_GET:
-                resource.add_route(hdrs.METH_HEAD, handler)
+                resource.add_route(hdrs.METH_HEAD, handler, expect_handler=expect_continue)
         # Any other method is answered 405 with Allow, not the catch-all's 404 (a route for
         # any method is matched after the others). A preflight OPTIONS never gets there:
         # the CORS middleware answers it first.
         allowed = sorted(handlers) + ([hdrs.METH_HEAD] if hdrs.METH_GET in handlers else [])
-        resource.add_route(hdrs.METH_ANY, _method_not_allowed(allowed))
+        resource.add_route(
+            hdrs.METH_ANY, _method_not_allowed(allowed), expect_handler=expect_continue
+        )

@@ -1061,6 +1061,20 @@ def test_non_ascii_handshake_headers_get_400(gateway: Gateway, header: bytes, va
     gateway.assert_no_alarms()
 
 
+@pytest.mark.parametrize("value", [b"\x80", b"nonsense", b"100-continue"])
+def test_expect_headers_get_an_answer_below_500(gateway: Gateway, value: bytes) -> None:
+    """An ``Expect`` header aiohttp does not know is refused with 417 without echoing it:
+    aiohttp's own handler put the value in its 417's text, and a byte that is not ASCII
+    then made it answer 500 with a traceback (found by the handshake fuzzing in CI)."""
+    gateway.mark_log()
+    headers = (*_UPGRADE_HEADERS, (b"Expect", value))
+    status, _answer = _exchange(gateway.service.port, _upgrade(headers), half_close=False)
+    assert status is not None and status < 500, status
+    if value != b"100-continue":
+        assert status == 417, status
+    gateway.assert_no_alarms()
+
+
 @pytest.mark.parametrize("name", sorted(KNOWN_TRACEBACKS))
 def test_clients_that_go_away_log_no_traceback(gateway: Gateway, name: str) -> None:
     """A client that closes right after its upgrade request (before the 101 is written: a
