@@ -45,9 +45,12 @@ test: install lint
 
 # The fault suite's long versions (issue 14, docs/GUARANTEES.md): every fault repeated under
 # a longer storm on a 3-node NATS cluster; up to 30 minutes. `make test` runs the short ones.
+# Then the handshake and long-poll fuzzing with new random examples (`make test` uses a
+# fixed sequence, so CI stays reproducible).
 # The partition fault builds network namespaces: it needs root (CAP_NET_ADMIN).
 test-faults: install
 	RT_FAULTS_LONG=1 $(BIN)/pytest -p no:cacheprovider tests/faults
+	RT_FUZZ_RANDOM=1 $(BIN)/pytest -p no:cacheprovider tests/integration/test_floods.py
 
 # The image, built and run for real: Debian's docker.io (a private dockerd with no bridge and
 # no iptables; containers use --network host), the Dockerfile's base image made with
