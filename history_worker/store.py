@@ -8,12 +8,12 @@ as a guard), then one batched direct get reads the range forward.
 from __future__ import annotations
 
 import asyncio
-import base64
 from dataclasses import dataclass
 
 import orjson
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from nats.js.errors import APIError, NotFoundError
 
 from nats_adapter.direct import direct_batch, direct_get
 from nats_adapter.requests import ReplyMux, RequestTimeout
@@ -85,24 +85,14 @@ class StreamReader:
         read goes through the JetStream API, which only the leader answers; it costs a round
         trip through the leader, so ``HistoryService`` uses it only to confirm a cursor that
         seems to lie beyond the newest serial."""
-        request = orjson.dumps({"last_by_subj": subject})
-        reply = await self._nc.request(
-            f"$JS.API.STREAM.MSG.GET.{self._stream}", request, timeout=self._timeout
-        )
-        answer = orjson.loads(reply.data)
-        error = answer.get("error")
-        if error is not None:
-            if error.get("code") == 404:
-                return 0
-            raise ProtocolError(ErrorCode.SERVER, f"stream read failed: {error.get('description')}")
-        encoded = (answer.get("message") or {}).get("hdrs")
-        if not encoded:
+        js = self._nc.jetstream(timeout=self._timeout)
+        try:
+            last = await js.get_last_msg(self._stream, subject)  # STREAM.MSG.GET, not direct
+        except NotFoundError:
             return 0
-        for line in base64.b64decode(encoded).split(b"\r\n")[1:]:
-            name, _, value = line.partition(b":")
-            if name.strip().decode(errors="replace") == SERIAL_HEADER:
-                return int(value.strip())
-        return 0
+        except APIError as error:
+            raise ProtocolError(ErrorCode.SERVER, f"stream read failed: {error}") from None
+        return int((last.headers or {}).get(SERIAL_HEADER, 0))
 
     async def sequence_of(self, subject: str, bounds: ChannelBounds, serial: int) -> int:
         """The stream sequence of ``serial`` (which must lie within ``bounds``)."""
