@@ -195,6 +195,19 @@ class BinaryClient:
         await self.socket.close()
 
 
+async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    """Copy ``source`` into ``sink`` until either end goes away, then close ``sink``: one
+    direction of a loopback proxy."""
+    try:
+        while data := await source.read(65536):
+            sink.write(data)
+            await sink.drain()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        sink.close()
+
+
 class TcpProxy:
     """A loopback TCP proxy whose live connections can be cut (both directions dropped at
     once, as when a network path dies), while new connections keep working."""
@@ -219,17 +232,6 @@ class TcpProxy:
             "127.0.0.1", self.target_port
         )
         self._writers.update((writer, upstream_writer))
-
-        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-            try:
-                while data := await source.read(65536):
-                    sink.write(data)
-                    await sink.drain()
-            except (ConnectionError, OSError):
-                pass
-            finally:
-                sink.close()
-
         await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
 
     def cut(self) -> None:

@@ -25,6 +25,7 @@ from tests.support import (
     APP_KEY,
     NatsServer,
     Service,
+    pipe,
     start_nats,
     start_service,
     wait_ready,
@@ -80,18 +81,13 @@ class ReadyProxy:
             return
         self._writers.update((writer, upstream_writer))
 
-        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        async def forward(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
             try:
-                while data := await source.read(65536):
-                    sink.write(data)
-                    await sink.drain()
-            except (ConnectionError, OSError):
-                pass
+                await pipe(source, sink)
             finally:
-                sink.close()
                 self._writers.discard(sink)
 
-        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+        await asyncio.gather(forward(reader, upstream_writer), forward(upstream_reader, writer))
 
     async def close(self) -> None:
         if self._watcher is not None:
