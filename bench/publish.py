@@ -57,12 +57,16 @@ def _scenario(
     return result
 
 
-async def _raw_jetstream(url: str, seconds: float, window: int = 256) -> float:
-    """Reference: publish_async into a plain stream, acks awaited, from one Python process."""
-    nc = await nats.connect(url)
+async def raw_jetstream(
+    urls: str, seconds: float, window: int = 256, replicas: int = 1, msg_ids: bool = True
+) -> float:
+    """Reference: publish_async into a plain stream of ``replicas``, acks awaited in windows
+    of ``window``, from one Python process (with ``Nats-Msg-Id`` headers, as the service
+    stores, unless ``msg_ids`` is False). Returns acked publishes per second."""
+    nc = await nats.connect(servers=urls.split(","))
     js = nc.jetstream()
     stream = f"RAW{uuid.uuid4().hex[:6]}"
-    await js.add_stream(name=stream, subjects=[f"raw.{stream}.>"])
+    await js.add_stream(name=stream, subjects=[f"raw.{stream}.>"], num_replicas=replicas)
     payload = b"x" * 150
     pending: list[asyncio.Future[Any]] = []
     acked = 0
@@ -70,10 +74,9 @@ async def _raw_jetstream(url: str, seconds: float, window: int = 256) -> float:
     count = 0
     while time.perf_counter() - started < seconds:
         count += 1
+        headers = {"Nats-Msg-Id": f"m{count}"} if msg_ids else None
         pending.append(
-            await js.publish_async(
-                f"raw.{stream}.c{count % 1000}", payload, headers={"Nats-Msg-Id": f"m{count}"}
-            )
+            await js.publish_async(f"raw.{stream}.c{count % 1000}", payload, headers=headers)
         )
         if len(pending) >= window:
             await asyncio.gather(*pending)
@@ -168,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 arguments.publishers,
             )
             rest = asyncio.run(_rest(cluster, arguments.seconds))
-            raw = asyncio.run(_raw_jetstream(cluster.nats.url, arguments.seconds))
+            raw = asyncio.run(raw_jetstream(cluster.nats.url, arguments.seconds))
             results["hot"].append(hot["rate"])
             results["channels_1000"].append(spread["rate"])
             results["rest_channels_1000"].append(rest["rate"])

@@ -10,45 +10,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import time
 import uuid
-from typing import Any
-
-import nats
-from nats.js.api import StreamConfig
 
 from bench.loadgen import PublisherSpec, run_processes, shuffled
+from bench.publish import raw_jetstream
 from testing.cluster import APP_KEY, start_service, wait_ready
 from testing.nats_cluster import running_nats_cluster
 
 __all__ = ["main"]
 
 SETTINGS = ("2m", "1s", "always")
-
-
-async def _raw_r3(urls: str, seconds: float, window: int = 256) -> float:
-    """Raw JetStream publishes (acks awaited in windows) into an R3 stream."""
-    nc = await nats.connect(servers=urls.split(","))
-    js = nc.jetstream()
-    stream = f"RAW{uuid.uuid4().hex[:6]}"
-    await js.add_stream(StreamConfig(name=stream, subjects=[f"raw.{stream}.>"], num_replicas=3))
-    payload = b"x" * 150
-    pending: list[asyncio.Future[Any]] = []
-    acked = count = 0
-    started = time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        count += 1
-        pending.append(await js.publish_async(f"raw.{stream}.c{count % 1000}", payload))
-        if len(pending) >= window:
-            await asyncio.gather(*pending)
-            acked += len(pending)
-            pending.clear()
-    await asyncio.gather(*pending)
-    acked += len(pending)
-    elapsed = time.perf_counter() - started
-    await js.delete_stream(stream)
-    await nc.close()
-    return acked / elapsed
 
 
 def _measure(sync_interval: str, seconds: float) -> dict[str, float]:
@@ -71,7 +42,7 @@ def _measure(sync_interval: str, seconds: float) -> dict[str, float]:
             ]
             reports = run_processes(specs)
             gateway_rate = sum(r["acked"] for r in reports) / max(r["seconds"] for r in reports)
-            raw_rate = asyncio.run(_raw_r3(cluster.urls, seconds))
+            raw_rate = asyncio.run(raw_jetstream(cluster.urls, seconds, replicas=3, msg_ids=False))
         finally:
             for gateway in gateways:
                 gateway.stop()
