@@ -10,10 +10,10 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install dev test test-faults test-image lint unit bench bench-quick clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml protocol/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,test,bench]'
+	$(BIN)/python -m pip install --quiet -e ./protocol -e '.[dev,test,bench]'
 	touch $(STAMP)
 
 $(NODE_STAMP): tests/package.json tests/package-lock.json
@@ -60,7 +60,7 @@ IMAGE_DOCKER := DOCKER_HOST=unix://$(CURDIR)/$(IMAGE_STATE)/docker.sock /usr/bin
 
 test-image: install
 	$(SUDO) deploy/image-env.sh $(IMAGE_STATE) > /dev/null
-	$(BIN)/pip wheel --quiet --wheel-dir deploy/wheelhouse . setuptools
+	$(BIN)/pip wheel --quiet --wheel-dir deploy/wheelhouse ./protocol . setuptools
 	$(IMAGE_DOCKER) build --quiet --network host -f deploy/Dockerfile \
 	  --build-arg PIP_NO_INDEX=1 -t realtime:latest .
 	DOCKER_HOST=unix://$(CURDIR)/$(IMAGE_STATE)/docker.sock $(BIN)/pytest -p no:cacheprovider deploy/test_image.py

@@ -17,8 +17,8 @@ from typing import Any
 
 from bench.cpu import cpu_seconds
 from bench.wsclient import Counter, connect_many
-from shared import binary_codec
-from shared.frames import AuthFrame, PublishFrame, SubscribeFrame
+from realtime_protocol import binary_codec
+from realtime_protocol.frames import AuthFrame, PublishFrame, SubscribeFrame
 
 __all__ = [
     "LoadProcesses",

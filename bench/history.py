@@ -20,8 +20,9 @@ import nats
 import orjson
 import websockets
 
-from shared import binary_codec, subjects
-from shared.frames import AuthFrame, HistoryFrame, Message
+from realtime_protocol import binary_codec
+from realtime_protocol.frames import AuthFrame, HistoryFrame, Message
+from shared import subjects
 from shared.subjects import SERIAL_HEADER
 from testing.cluster import APP_KEY, running_cluster
 

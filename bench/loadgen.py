@@ -14,8 +14,8 @@ from typing import Any
 
 import websockets
 
-from shared import binary_codec
-from shared.frames import AuthFrame, PublishFrame
+from realtime_protocol import binary_codec
+from realtime_protocol.frames import AuthFrame, PublishFrame
 
 __all__ = ["PublisherSpec", "run_processes"]
 

@@ -15,8 +15,8 @@ from collections.abc import Callable
 import aiohttp
 
 from bench.wsclient import MARKER, Counter
-from shared import binary_codec
-from shared.frames import AuthFrame, PingFrame, SubscribeFrame
+from realtime_protocol import binary_codec
+from realtime_protocol.frames import AuthFrame, PingFrame, SubscribeFrame
 
 __all__ = ["run_longpoll_clients"]
 

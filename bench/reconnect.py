@@ -27,8 +27,8 @@ import websockets
 
 from bench.cpu import cpu_seconds
 from bench.wsclient import Counter, connect_many
-from shared import binary_codec
-from shared.frames import AuthFrame, SubscribeFrame
+from realtime_protocol import binary_codec
+from realtime_protocol.frames import AuthFrame, SubscribeFrame
 from testing.cluster import APP_KEY, Cluster, running_cluster
 
 __all__ = ["main"]

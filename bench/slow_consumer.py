@@ -43,8 +43,8 @@ from typing import Any
 
 from bench.cpu import cpu_seconds
 from bench.fanout import LoadProcesses, PublisherProcess, SubscriberSpec, settle, summarize_latency
-from shared import binary_codec
-from shared.frames import AuthFrame, SubscribeFrame
+from realtime_protocol import binary_codec
+from realtime_protocol.frames import AuthFrame, SubscribeFrame
 from shared.websocket_frames import OPCODE_BINARY, client_frame, parse_header
 from testing.cluster import APP_KEY, Service, start_nats, start_service, wait_ready
 

@@ -18,7 +18,7 @@ from typing import cast
 
 import orjson
 
-from shared import binary_codec
+from realtime_protocol import binary_codec
 from shared.websocket_frames import client_frame
 
 __all__ = ["Counter", "WebSocketClient", "client_frame", "connect_many"]

@@ -15,7 +15,7 @@ from gateway.rest import add_rest_routes
 from gateway.services import GatewayServices
 from gateway.websocket import serve_websocket
 from gateway.websocket_writer import FlushScheduler
-from shared.errors import ErrorCode
+from realtime_protocol.errors import ErrorCode
 
 __all__ = ["LONG_POLL", "SERVICES", "create_app", "error_response"]
 

@@ -39,10 +39,10 @@ from nats_adapter.bootstrap import bootstrap
 from nats_adapter.connect import connect
 from nats_adapter.direct import direct_get
 from nats_adapter.requests import ReplyMux, RequestTimeout
+from realtime_protocol.binary_codec import encode_member
+from realtime_protocol.errors import ErrorCode, ProtocolError
+from realtime_protocol.frames import Message
 from shared import subjects
-from shared.binary_codec import encode_member
-from shared.errors import ErrorCode, ProtocolError
-from shared.frames import Message
 from shared.settings import Settings
 from shared.subjects import SERIAL_HEADER
 

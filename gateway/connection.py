@@ -26,9 +26,9 @@ from gateway.metrics import METRICS
 from gateway.outbox import Outbox
 from gateway.presence import WatchReason
 from gateway.services import GatewayServices, RegisteredConnection
+from realtime_protocol.errors import ErrorCode, ProtocolError
+from realtime_protocol.frames import AckFrame, AuthFrame, ErrorFrame, ServerFrame
 from shared.auth import Identity
-from shared.errors import ErrorCode, ProtocolError
-from shared.frames import AckFrame, AuthFrame, ErrorFrame, ServerFrame
 from shared.history import HistoryOp, HistoryQuery, HistoryResult
 from shared.resume import ReplayGate, replay_start
 from shared.session import (

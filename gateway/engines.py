@@ -12,7 +12,7 @@ from typing import Protocol
 
 from gateway.fanout import Subscriber
 from gateway.presence import PresenceClient
-from shared.frames import Message, PresenceAction
+from realtime_protocol.frames import Message, PresenceAction
 from shared.history import HistoryQuery, HistoryResult
 from shared.presence import MemberRecord
 

@@ -19,9 +19,10 @@ from nats.aio.subscription import Subscription
 from gateway.broker import Broker
 from gateway.metrics import METRICS
 from nats_adapter.connect import flush
-from shared import binary_codec, json_codec, subjects
-from shared.binary_codec import FrameDecodeError
-from shared.frames import Message
+from realtime_protocol import binary_codec, json_codec
+from realtime_protocol.binary_codec import FrameDecodeError
+from realtime_protocol.frames import Message
+from shared import subjects
 from shared.subjects import SERIAL_HEADER
 
 __all__ = ["ChannelRouter", "Delivery", "Subscriber"]

@@ -10,8 +10,8 @@ from collections.abc import Callable
 from gateway.broker import Broker
 from gateway.metrics import METRICS
 from nats_adapter.requests import RequestTimeout
+from realtime_protocol.errors import ErrorCode, ProtocolError
 from shared import history, subjects
-from shared.errors import ErrorCode, ProtocolError
 from shared.history import HistoryOp, HistoryQuery, HistoryResult
 
 __all__ = ["HistoryClient"]

@@ -7,7 +7,7 @@ import orjson
 from aiohttp import HttpVersion11, hdrs, web
 
 from gateway.metrics import METRICS
-from shared.errors import ErrorCode, ProtocolError, http_status_for
+from realtime_protocol.errors import ErrorCode, ProtocolError, http_status_for
 from shared.limits import Limit
 
 __all__ = [

@@ -27,9 +27,9 @@ from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from gateway.broker import Broker
 from nats_adapter.keys import key_bucket, next_update, stop_watching
+from realtime_protocol.errors import ErrorCode
+from realtime_protocol.frames import ErrorFrame, ServerFrame
 from shared.auth import ApiKey, Keyring
-from shared.errors import ErrorCode
-from shared.frames import ErrorFrame, ServerFrame
 from shared.keys import SecretBox, decode_record
 from shared.logs import RateLimitFilter
 from shared.session import CLOSE_POLICY_VIOLATION, Session

@@ -30,8 +30,8 @@ from gateway.connection import Connection
 from gateway.http import error_response, expect_continue, read_body, refusal_response
 from gateway.metrics import METRICS
 from gateway.services import GatewayServices, RegisteredConnection
+from realtime_protocol.errors import ErrorCode, ProtocolError
 from shared.auth import Identity
-from shared.errors import ErrorCode, ProtocolError
 from shared.limits import Limit
 from shared.session import CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_TRY_AGAIN_LATER
 

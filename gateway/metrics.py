@@ -21,8 +21,8 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from shared.errors import ErrorCode
-from shared.frames import PresenceAction
+from realtime_protocol.errors import ErrorCode
+from realtime_protocol.frames import PresenceAction
 from shared.limits import Limit
 
 __all__ = [
@@ -195,7 +195,10 @@ class _Metrics:
         )
         # One child per limit, bound now: each is exported (as 0) from the start, and a
         # refusal costs no label lookup.
-        self.rate_limited = {limit: limited.labels(limit.value) for limit in Limit}
+        # Keyed by the limit's name (a str: ProtocolError.limit comes from the protocol package).
+        self.rate_limited: dict[str, Counter] = {
+            limit.value: limited.labels(limit.value) for limit in Limit
+        }
         self.errors = Counter("realtime_error_frames", "err frames sent", ["code"])
         # Every code the service sends, bound up front (codes are a closed set).
         self.error_frames = {int(code): self.errors.labels(str(int(code))) for code in ErrorCode}

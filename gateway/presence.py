@@ -47,9 +47,9 @@ from gateway.broker import Broker
 from gateway.metrics import METRICS
 from nats_adapter.direct import direct_batch
 from nats_adapter.requests import RequestTimeout
-from shared import binary_codec, json_codec
-from shared.errors import ErrorCode, ProtocolError
-from shared.frames import PresenceAction, PresenceEventFrame, ServerFrame
+from realtime_protocol import binary_codec, json_codec
+from realtime_protocol.errors import ErrorCode, ProtocolError
+from realtime_protocol.frames import PresenceAction, PresenceEventFrame, ServerFrame
 from shared.limits import Limit
 from shared.presence import ChannelMembers, MemberRecord, channel_pattern, member_key
 from shared.session import CLOSE_NORMAL, Session

@@ -27,10 +27,10 @@ from gateway.http import error_response, expect_continue, read_body, refusal_res
 from gateway.metrics import METRICS
 from gateway.services import GatewayServices
 from nats_adapter.requests import RequestTimeout
+from realtime_protocol.errors import ErrorCode, ProtocolError
 from shared import rest
 from shared.capabilities import Operation
 from shared.channels import validate_channel
-from shared.errors import ErrorCode, ProtocolError
 from shared.limits import KeyedBuckets
 from shared.logs import RateLimitFilter
 

@@ -11,10 +11,10 @@ from gateway.fanout import ChannelRouter
 from gateway.history_client import HistoryClient
 from gateway.keys import KeyRegistry
 from gateway.presence import PresenceService
+from realtime_protocol.errors import ErrorCode, ProtocolError
+from realtime_protocol.frames import ServerFrame
 from shared.auth import Identity, Keyring
 from shared.connection_ids import belongs_to_app, new_connection_id
-from shared.errors import ErrorCode, ProtocolError
-from shared.frames import ServerFrame
 from shared.limits import Limit
 from shared.session import Limits, Session
 from shared.settings import Settings

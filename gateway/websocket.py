@@ -18,7 +18,7 @@ from gateway.http import error_response
 from gateway.metrics import METRICS
 from gateway.services import GatewayServices
 from gateway.websocket_writer import DirectWriter, FlushScheduler, write_slowly
-from shared.errors import ErrorCode
+from realtime_protocol.errors import ErrorCode
 from shared.session import CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_TRY_AGAIN_LATER
 from shared.settings import Settings
 

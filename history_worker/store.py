@@ -17,8 +17,8 @@ from nats.js.errors import APIError, NotFoundError
 
 from nats_adapter.direct import direct_batch, direct_get
 from nats_adapter.requests import ReplyMux, RequestTimeout
-from shared.binary_codec import decode_member, member_with_serial
-from shared.errors import ErrorCode, ProtocolError
+from realtime_protocol.binary_codec import decode_member, member_with_serial
+from realtime_protocol.errors import ErrorCode, ProtocolError
 from shared.history import encoded_member_size
 from shared.subjects import SERIAL_HEADER
 

@@ -17,8 +17,8 @@ from history_worker.metrics import WorkerMetrics, serve_metrics
 from history_worker.store import ChannelBounds, StreamReader
 from nats_adapter.connect import connect_with_back_off
 from nats_adapter.requests import ReplyMux
+from realtime_protocol.errors import ErrorCode, ProtocolError
 from shared import history, subjects
-from shared.errors import ErrorCode, ProtocolError
 from shared.history import HistoryOp, HistoryQuery, HistoryResult
 from shared.settings import Settings
 from shared.subjects import SERIAL_HEADER

@@ -11,7 +11,7 @@ import orjson
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from shared.errors import ErrorCode, ProtocolError
+from realtime_protocol.errors import ErrorCode, ProtocolError
 
 __all__ = ["DirectBatch", "Requester", "direct_api", "direct_batch", "direct_get"]
 

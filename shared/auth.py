@@ -18,8 +18,8 @@ import jwt
 import orjson
 from jwt.warnings import InsecureKeyLengthWarning
 
+from realtime_protocol.errors import ErrorCode, ProtocolError
 from shared.capabilities import Capability
-from shared.errors import ErrorCode, ProtocolError
 
 __all__ = [
     "DEFAULT_TOKEN_MAX_TTL_S",

@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from shared.errors import ErrorCode, ProtocolError
+from realtime_protocol.errors import ErrorCode, ProtocolError
 
 __all__ = ["Capability", "Operation"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from shared.errors import ErrorCode, ProtocolError
+from realtime_protocol.errors import ErrorCode, ProtocolError
 
 __all__ = ["MAX_CHANNEL_LENGTH", "is_valid_channel", "validate_channel"]
 

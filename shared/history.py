@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import orjson
 
-from shared import binary_codec
-from shared.binary_codec import FrameDecodeError
-from shared.errors import ErrorCode, ProtocolError
-from shared.frames import Message
+from realtime_protocol import binary_codec
+from realtime_protocol.binary_codec import FrameDecodeError
+from realtime_protocol.errors import ErrorCode, ProtocolError
+from realtime_protocol.frames import Message
 
 __all__ = [
     "ERROR_HEADER",

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from shared.frames import PresenceAction, PresenceEventFrame
+from realtime_protocol.frames import PresenceAction, PresenceEventFrame
 
 __all__ = ["ChannelMembers", "MemberRecord", "channel_pattern", "member_key", "parse_member_key"]
 

@@ -8,7 +8,7 @@ parsed by ``orjson`` first, exactly as a JSON WebSocket frame is, so a payload i
 same way whichever path published it. ``gateway.rest`` is the aiohttp adapter around this.
 
 Every failure is a ``ProtocolError`` whose code gives the HTTP status
-(``shared.errors.http_status_for``).
+(``realtime_protocol.errors.http_status_for``).
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ import msgspec
 import orjson
 from msgspec import UNSET, Meta, Raw, Struct, UnsetType
 
+from realtime_protocol.errors import ErrorCode, ProtocolError
+from realtime_protocol.frames import BatchMember, Message, PublishFrame
 from shared.auth import Identity, Keyring, mint_token
 from shared.capabilities import Capability
 from shared.channels import MAX_CHANNEL_LENGTH
-from shared.errors import ErrorCode, ProtocolError
-from shared.frames import BatchMember, Message, PublishFrame
 from shared.history import HistoryOp, HistoryQuery, HistoryResult
 from shared.limits import KeyedBuckets, Limit
 from shared.presence import MemberRecord

@@ -22,13 +22,10 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from shared import binary_codec, json_codec
-from shared.auth import Identity, Keyring
-from shared.binary_codec import FrameDecodeError
-from shared.capabilities import Operation
-from shared.channels import validate_channel
-from shared.errors import ErrorCode, ProtocolError
-from shared.frames import (
+from realtime_protocol import binary_codec, json_codec
+from realtime_protocol.binary_codec import FrameDecodeError
+from realtime_protocol.errors import ErrorCode, ProtocolError
+from realtime_protocol.frames import (
     AuthFrame,
     ClientFrame,
     ConnectedFrame,
@@ -51,6 +48,9 @@ from shared.frames import (
     SubscribeFrame,
     UnsubscribeFrame,
 )
+from shared.auth import Identity, Keyring
+from shared.capabilities import Operation
+from shared.channels import validate_channel
 from shared.history import HistoryOp, HistoryQuery, HistoryResult
 from shared.limits import Limit, TokenBucket
 
@@ -137,7 +137,7 @@ class Reply:
     it answers, if one did (the adapter counts it)."""
 
     frame: ServerFrame
-    limit: Limit | None = None
+    limit: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

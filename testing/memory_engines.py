@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 
 from gateway.fanout import Delivery, Subscriber
 from gateway.presence import PresenceClient, WatchReason
-from shared import binary_codec, history, json_codec
-from shared.binary_codec import decode_member, encode_member, member_with_serial
-from shared.errors import ErrorCode, ProtocolError
-from shared.frames import Message, PresenceAction, PresenceEventFrame
+from realtime_protocol import binary_codec, json_codec
+from realtime_protocol.binary_codec import decode_member, encode_member, member_with_serial
+from realtime_protocol.errors import ErrorCode, ProtocolError
+from realtime_protocol.frames import Message, PresenceAction, PresenceEventFrame
+from shared import history
 from shared.history import HistoryOp, HistoryQuery, HistoryResult
 from shared.limits import Limit
 from shared.presence import ChannelMembers, MemberRecord

@@ -20,8 +20,8 @@ from typing import Any
 import orjson
 import websockets
 
-from shared import binary_codec
-from shared.frames import ClientFrame, ServerFrame
+from realtime_protocol import binary_codec
+from realtime_protocol.frames import ClientFrame, ServerFrame
 from shared.websocket_frames import OPCODE_TEXT, client_frame, parse_header
 from testing.cluster import (  # noqa: F401 - re-exported for the tests
     APP_KEY,

@@ -20,7 +20,8 @@ import nats
 import nats.js.errors
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from shared import binary_codec, subjects
+from realtime_protocol import binary_codec
+from shared import subjects
 from testing.cluster import Service, http_status, start_service, wait_for_history_worker
 from testing.history_checker import History, Report, check, presence_view
 from testing.nats_cluster import NatsCluster, running_nats_cluster

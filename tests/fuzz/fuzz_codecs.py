@@ -1,4 +1,4 @@
-"""Atheris (libFuzzer) harness over the two client-frame decoders of ``shared``.
+"""Atheris (libFuzzer) harness over the two client-frame decoders of ``realtime_protocol``.
 
 The property: any bytes a client can send either decode into a frame or raise the codecs'
 one typed error, ``FrameDecodeError`` (40001). Anything else (an ``IndexError``, a
@@ -30,12 +30,12 @@ from pathlib import Path
 import atheris
 
 # Instrumented imports: libFuzzer's coverage feedback comes from these modules' bytecode.
-with atheris.instrument_imports(include=["shared"]):
+with atheris.instrument_imports(include=["realtime_protocol"]):
     import orjson
 
-    from shared import binary_codec, json_codec
-    from shared.binary_codec import FrameDecodeError
-    from shared.frames import (
+    from realtime_protocol import binary_codec, json_codec
+    from realtime_protocol.binary_codec import FrameDecodeError
+    from realtime_protocol.frames import (
         AuthFrame,
         BatchMember,
         ClientFrame,

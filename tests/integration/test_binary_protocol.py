@@ -6,8 +6,8 @@ import uuid
 
 import orjson
 
-from shared import binary_codec
-from shared.frames import (
+from realtime_protocol import binary_codec
+from realtime_protocol.frames import (
     AckFrame,
     AuthFrame,
     ConnectedFrame,

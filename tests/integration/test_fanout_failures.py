@@ -13,8 +13,9 @@ import nats
 import pytest
 
 from gateway.fanout import ChannelRouter, Delivery
-from shared import binary_codec, subjects
-from shared.frames import Message
+from realtime_protocol import binary_codec
+from realtime_protocol.frames import Message
+from shared import subjects
 from tests.support import start_nats
 
 

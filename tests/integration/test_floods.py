@@ -50,8 +50,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared import binary_codec
-from shared.frames import AuthFrame, ErrorFrame, PingFrame, PongFrame, PublishFrame, SubscribeFrame
+from realtime_protocol import binary_codec
+from realtime_protocol.frames import (
+    AuthFrame,
+    ErrorFrame,
+    PingFrame,
+    PongFrame,
+    PublishFrame,
+    SubscribeFrame,
+)
 from shared.websocket_frames import OPCODE_BINARY, OPCODE_TEXT, client_frame, parse_header
 from testing.cluster import (
     APP_KEY,

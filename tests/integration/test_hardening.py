@@ -18,8 +18,8 @@ import orjson
 import pytest
 import websockets
 
-from shared import binary_codec
-from shared.frames import ErrorFrame, SubscribeFrame
+from realtime_protocol import binary_codec
+from realtime_protocol.frames import ErrorFrame, SubscribeFrame
 from tests.support import (
     Cluster,
     JsonClient,

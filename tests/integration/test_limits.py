@@ -23,8 +23,8 @@ import orjson
 import pytest
 import websockets
 
-from shared import binary_codec
-from shared.frames import AuthFrame, ConnectedFrame, ErrorFrame
+from realtime_protocol import binary_codec
+from realtime_protocol.frames import AuthFrame, ConnectedFrame, ErrorFrame
 from tests.support import (
     APP_KEY,
     OTHER_APP_KEY,

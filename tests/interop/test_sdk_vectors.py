@@ -8,8 +8,8 @@ from typing import Any
 import orjson
 import pytest
 
-from shared import binary_codec
-from shared.frames import (
+from realtime_protocol import binary_codec
+from realtime_protocol.frames import (
     AckFrame,
     BundleFrame,
     ConnectedFrame,

@@ -7,9 +7,9 @@ import time
 import jwt
 import pytest
 
+from realtime_protocol.errors import ProtocolError
 from shared.auth import Keyring, parse_api_key
 from shared.capabilities import Capability, Operation
-from shared.errors import ProtocolError
 
 KEYRING = Keyring([parse_api_key("app.k:secret")])
 

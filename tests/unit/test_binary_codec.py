@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared import binary_codec
-from shared.binary_codec import FrameDecodeError
-from shared.frames import (
+from realtime_protocol import binary_codec
+from realtime_protocol.binary_codec import FrameDecodeError
+from realtime_protocol.frames import (
     AckFrame,
     AuthFrame,
     BatchMember,

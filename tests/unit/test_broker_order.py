@@ -12,8 +12,8 @@ import pytest
 
 from gateway import broker as broker_module
 from gateway.broker import Broker
-from shared.errors import ErrorCode, ProtocolError
-from shared.frames import Message
+from realtime_protocol.errors import ErrorCode, ProtocolError
+from realtime_protocol.frames import Message
 from shared.settings import Settings
 
 

@@ -18,10 +18,10 @@ import pytest
 
 from gateway.connection import Connection
 from gateway.services import GatewayServices
-from shared import binary_codec, json_codec
+from realtime_protocol import binary_codec, json_codec
+from realtime_protocol.frames import Message
 from shared.auth import Keyring, parse_api_key
 from shared.capabilities import Capability
-from shared.frames import Message
 from shared.settings import Settings
 from testing.memory_engines import MemoryBus, MemoryPresence
 

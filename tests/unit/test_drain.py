@@ -23,8 +23,8 @@ from gateway.app import LONG_POLL, create_app
 from gateway.connection import Connection
 from gateway.drain import TICK_S, close_schedule, drain_connections
 from gateway.services import GatewayServices
+from realtime_protocol.frames import Message
 from shared.auth import Keyring, parse_api_key
-from shared.frames import Message
 from shared.session import CLOSE_GOING_AWAY
 from shared.settings import Settings
 from testing.memory_engines import MemoryBus, MemoryPresence

@@ -10,9 +10,9 @@ from pathlib import Path
 import jwt
 import pytest
 
+from realtime_protocol.errors import ProtocolError
 from shared.auth import ApiKey, Keyring, parse_api_key
 from shared.capabilities import Capability
-from shared.errors import ProtocolError
 from shared.keys import SecretBox, decode_record, encode_record, load_keys_file, new_key
 
 NOW = 1_800_000_000.0

@@ -21,10 +21,11 @@ from gateway.app import LONG_POLL, create_app
 from gateway.connection import Connection
 from gateway.longpoll import SESSION_HEADER
 from gateway.services import GatewayServices
-from shared import binary_codec, json_codec, rest
+from realtime_protocol import binary_codec, json_codec
+from realtime_protocol.errors import ProtocolError
+from realtime_protocol.frames import AuthFrame, ConnectedFrame, ErrorFrame, PublishFrame
+from shared import rest
 from shared.auth import Keyring, parse_api_key
-from shared.errors import ProtocolError
-from shared.frames import AuthFrame, ConnectedFrame, ErrorFrame, PublishFrame
 from shared.history import HistoryOp, HistoryQuery
 from shared.limits import KeyedBuckets, Limit, TokenBucket
 from shared.session import (

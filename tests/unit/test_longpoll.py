@@ -16,9 +16,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from gateway.app import LONG_POLL, create_app
 from gateway.longpoll import SESSION_HEADER
 from gateway.services import GatewayServices
-from shared import binary_codec
-from shared.auth import Keyring, parse_api_key
-from shared.frames import (
+from realtime_protocol import binary_codec
+from realtime_protocol.frames import (
     AckFrame,
     AuthFrame,
     ClientFrame,
@@ -34,6 +33,7 @@ from shared.frames import (
     ServerFrame,
     SubscribeFrame,
 )
+from shared.auth import Keyring, parse_api_key
 from shared.settings import Settings
 from testing.memory_engines import MemoryBus, MemoryPresence
 

@@ -23,10 +23,10 @@ from gateway.fanout import ChannelRouter, Delivery, _Channel
 from gateway.metrics import FastHistogram, Tally
 from gateway.services import GatewayServices
 from history_worker.metrics import WorkerMetrics, serve_metrics
-from shared import binary_codec
+from realtime_protocol import binary_codec
+from realtime_protocol.errors import ErrorCode
+from realtime_protocol.frames import AuthFrame, Message
 from shared.auth import Keyring, parse_api_key
-from shared.errors import ErrorCode
-from shared.frames import AuthFrame, Message
 from shared.resume import ReplayGate
 from shared.settings import Settings
 from shared.subjects import SERIAL_HEADER

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shared.frames import PresenceAction
+from realtime_protocol.frames import PresenceAction
 from shared.presence import (
     ChannelMembers,
     MemberRecord,

@@ -18,12 +18,12 @@ from aiohttp.test_utils import TestClient, TestServer
 from gateway.app import create_app
 from gateway.http import error_response
 from gateway.services import GatewayServices
+from realtime_protocol.binary_codec import encode_member, member_with_serial
+from realtime_protocol.errors import ErrorCode, ProtocolError
+from realtime_protocol.frames import BatchMember, Message
 from shared import rest
 from shared.auth import Keyring, mint_token, parse_api_key
-from shared.binary_codec import encode_member, member_with_serial
 from shared.capabilities import Capability
-from shared.errors import ErrorCode, ProtocolError
-from shared.frames import BatchMember, Message
 from shared.history import HistoryOp, HistoryResult, SerialRange, forwards_range
 from shared.presence import MemberRecord
 from shared.session import Limits

@@ -6,10 +6,9 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared import binary_codec
-from shared.auth import Keyring, parse_api_key
-from shared.errors import ProtocolError
-from shared.frames import (
+from realtime_protocol import binary_codec
+from realtime_protocol.errors import ProtocolError
+from realtime_protocol.frames import (
     AuthFrame,
     ErrorFrame,
     HistoryResponseFrame,
@@ -19,6 +18,7 @@ from shared.frames import (
     PublishFrame,
     SubscribeFrame,
 )
+from shared.auth import Keyring, parse_api_key
 from shared.history import HistoryOp, HistoryQuery, HistoryResult
 from shared.session import (
     Authenticate,

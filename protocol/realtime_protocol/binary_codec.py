@@ -1,8 +1,8 @@
 """The binary opcode protocol (PROTOCOL.md section 2): records in, frames out, and back.
 
-Sans-I/O: pure functions over ``bytes`` and the dataclasses of ``shared.frames``. Decoding
-untrusted input raises ``FrameDecodeError`` (a ``ProtocolError`` with code 40001) and nothing
-else. Encoders return one record payload (opcode + fields) without its length prefix;
+Sans-I/O: pure functions over ``bytes`` and the dataclasses of ``realtime_protocol.frames``.
+Decoding untrusted input raises ``FrameDecodeError`` (a ``ProtocolError`` with code 40001)
+and nothing else. Encoders return one record payload (opcode + fields) without its length prefix;
 ``frame_record`` adds the prefix so that records can be concatenated into one WebSocket message.
 """
 
@@ -12,8 +12,8 @@ from collections.abc import Iterator, Sequence
 
 import orjson
 
-from shared.errors import ErrorCode, ProtocolError
-from shared.frames import (
+from realtime_protocol.errors import ErrorCode, ProtocolError
+from realtime_protocol.frames import (
     AckFrame,
     AuthFrame,
     BatchMember,

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import enum
 
-from shared.limits import Limit
-
 __all__ = ["ErrorCode", "ProtocolError", "http_status_for"]
 
 
@@ -47,12 +45,13 @@ class ProtocolError(Exception):
     """A request or frame broke a protocol rule; becomes an ``err`` frame with ``code``.
 
     ``request_id`` is the id of the request it answers (0 when the error is not scoped to a
-    request, for example an undecodable frame). ``limit`` names the limit that refused the
-    request, if one did: the gateway counts it (``realtime_rate_limited_total``).
+    request, for example an undecodable frame). ``limit`` names the server limit that refused
+    the request, if one did (a ``shared.limits.Limit`` value): the gateway counts it
+    (``realtime_rate_limited_total``); it never goes on the wire, and clients leave it unset.
     """
 
     def __init__(
-        self, code: ErrorCode, message: str, request_id: int = 0, limit: Limit | None = None
+        self, code: ErrorCode, message: str, request_id: int = 0, limit: str | None = None
     ) -> None:
         super().__init__(message)
         self.code = code

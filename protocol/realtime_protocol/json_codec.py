@@ -12,8 +12,8 @@ from typing import Any
 
 import orjson
 
-from shared.binary_codec import FrameDecodeError
-from shared.frames import (
+from realtime_protocol.binary_codec import FrameDecodeError
+from realtime_protocol.frames import (
     AckFrame,
     AuthFrame,
     BatchMember,
