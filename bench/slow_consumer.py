@@ -29,11 +29,8 @@ Run: ``python -m bench.slow_consumer [--seconds 10] [--rate 200] [--stalled 50]
 from __future__ import annotations
 
 import argparse
-import base64
 import collections
 import json
-import os
-import socket
 import struct
 import time
 import urllib.request
@@ -45,8 +42,9 @@ from bench.cpu import cpu_seconds
 from bench.fanout import LoadProcesses, PublisherProcess, SubscriberSpec, settle, summarize_latency
 from realtime_protocol import binary_codec
 from realtime_protocol.frames import AuthFrame, SubscribeFrame
-from shared.websocket_frames import OPCODE_BINARY, client_frame, parse_header
+from shared.websocket_frames import OPCODE_BINARY, parse_header
 from testing.cluster import APP_KEY, Service, start_nats, start_service, wait_ready
+from testing.raw_websocket import RawWebSocket
 
 __all__ = ["StalledSubscriber", "main"]
 
@@ -66,46 +64,17 @@ class StalledSubscriber:
     answers, then never reads again until ``finish``."""
 
     def __init__(self, port: int, channel: str, index: int) -> None:
-        self.sock = socket.socket()
-        # Before connect, so the window advertised from the start is small.
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RECEIVE_BUFFER)
-        self.sock.settimeout(10)
-        self.sock.connect(("127.0.0.1", port))
-        key = base64.b64encode(os.urandom(16)).decode()
-        self.sock.sendall(
-            (
-                f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                "Sec-WebSocket-Version: 13\r\n\r\n"
-            ).encode()
-        )
-        self.buffer = b""
-        while b"\r\n\r\n" not in self.buffer:
-            self.buffer += self._recv()
-        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
-        if not head.startswith(b"HTTP/1.1 101"):
-            raise ConnectionError(head[:80].decode(errors="replace"))
+        self.raw = RawWebSocket(port, receive_buffer=_RECEIVE_BUFFER, timeout=10)
+        self.sock = self.raw.sock
         opening = _record(AuthFrame(key=APP_KEY, client_id=f"stalled-{index}"))
         opening += _record(SubscribeFrame(1, channel))
-        self.sock.sendall(client_frame(opening, OPCODE_BINARY, mask=os.urandom(4)))
+        self.sock.sendall(RawWebSocket.frame(opening, OPCODE_BINARY))
         replies = 0
         while replies < 2:  # connected, then the sub's ack (one message or two)
-            opcode, payload = self._frame()
+            opcode, payload = self.raw.receive_frame()
             if opcode == OPCODE_BINARY:
                 replies += sum(1 for _ in binary_codec.iter_records(payload))
-
-    def _recv(self) -> bytes:
-        chunk = self.sock.recv(65536)
-        if not chunk:
-            raise ConnectionError("closed")
-        return chunk
-
-    def _frame(self) -> tuple[int, bytes]:
-        while (parsed := parse_header(self.buffer)) is None or len(self.buffer) < parsed[2]:
-            self.buffer += self._recv()
-        opcode, start, end = parsed
-        payload, self.buffer = self.buffer[start:end], self.buffer[end:]
-        return opcode, payload
+        self.buffer = b""
 
     def finish(self, seconds: float) -> str:
         """Read at last, for at most ``seconds``: how the connection ended (``close <code>``,
