@@ -138,9 +138,15 @@ async def small_channel(cluster: Cluster) -> str:
 
 
 class CountingReader(StreamReader):
-    """A ``StreamReader`` that counts the messages its batched reads return."""
+    """A ``StreamReader`` that counts the messages its batched reads return, and its searches
+    for a serial's stream sequence (what the index saves)."""
 
     read_count = 0
+    search_count = 0
+
+    async def sequence_of(self, subject: str, bounds: store.ChannelBounds, serial: int) -> int:
+        self.search_count += 1
+        return await super().sequence_of(subject, bounds, serial)
 
     async def _batch(
         self, subject: str, start_sequence: int, count: int, max_bytes: int = 0
@@ -176,15 +182,26 @@ def member_serials(result: HistoryResult) -> list[int]:
     return [message.serial for message in result.messages]
 
 
-@pytest.mark.parametrize("indexed", [False, True], ids=["stream", "index"])
+@pytest.mark.parametrize("reading", ["stream", "index", "index-wrong"])
 async def test_service_cuts_pages_to_its_byte_budget(
-    reader: CountingReader, small_channel: str, indexed: bool
+    reader: CountingReader, small_channel: str, reading: str
 ) -> None:
+    """Every way a page is read gives the same pages: searching the stream (no index), one
+    direct get per message from the index, and an index that is wrong (sequences shifted by
+    one), which must be noticed and forgotten, never served."""
     subject = subjects.stored_subject("app1", small_channel)
-    index = await full_index(reader, subject) if indexed else None
+    index = await full_index(reader, subject) if reading != "stream" else None
+    if reading == "index-wrong":
+        assert index is not None
+        shifted = SequenceIndex()
+        for serial in range(1, SMALL_COUNT + 1):
+            known = index.sequences(subject, serial, serial)
+            assert known is not None
+            shifted.record(subject, serial, known[0] + 1)
+        index = shifted
     budget = 5_000  # four or so of the ~1 KB messages
     service = HistoryService(reader, index, max_reply_bytes=budget)
-    reader.read_count = 0
+    reader.read_count = reader.search_count = 0
 
     async def ask(op: HistoryOp, **fields: Any) -> HistoryResult:
         result = await service.answer(query(op, small_channel, **fields))
@@ -219,8 +236,12 @@ async def test_service_cuts_pages_to_its_byte_budget(
     assert member_serials(single) == [SMALL_COUNT] and single.flag
     single = await service.answer(query(HistoryOp.FETCH, small_channel, limit=1000, from_serial=4))
     assert member_serials(single) == [5] and single.flag
-    if indexed:
+    if reading == "index":
         assert reader.read_count == 0, "every page came from the index's direct gets"
+        assert reader.search_count == 0, "no serial was searched for"
+    if reading == "index-wrong":
+        assert reader.search_count > 0
+        assert index is not None and index.sequences(subject, 1, 1) is None, "forgotten"
 
 
 async def test_fetch_reads_little_more_than_it_sends(
