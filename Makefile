@@ -10,10 +10,10 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install dev test test-faults test-image lint unit bench bench-quick clean
 
-$(STAMP): pyproject.toml protocol/pyproject.toml
+$(STAMP): pyproject.toml protocol/pyproject.toml client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ./protocol -e '.[dev,test,bench]'
+	$(BIN)/python -m pip install --quiet -e ./protocol -e ./client -e '.[dev,test,bench]'
 	touch $(STAMP)
 
 $(NODE_STAMP): tests/package.json tests/package-lock.json

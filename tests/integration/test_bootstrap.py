@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import time
 
+from realtime_client import ConnectionState, Realtime, RealtimeError
 from tests.support import (
+    APP_KEY,
     JsonClient,
     free_port,
     http_status,
-    json_client,
     start_nats,
     start_service,
     wait_for_port,
@@ -21,6 +22,7 @@ async def test_gateway_retries_until_nats_is_up() -> None:
     nats_port = free_port()
     gateways = [start_service("gateway", f"nats://127.0.0.1:{nats_port}") for _ in range(2)]
     nats = None
+    clients: list[Realtime] = []
     try:
         for gateway in gateways:
             wait_for_port(gateway.port)
@@ -30,6 +32,17 @@ async def test_gateway_retries_until_nats_is_up() -> None:
         reply = await client.auth(key="app1.main:secret-one")
         assert reply["t"] == "err" and reply["code"] == 50001, reply
         await client.close()
+        # The Python client takes 50001 for what it is (not an auth error): it retries.
+        early = Realtime(
+            key=APP_KEY,
+            endpoint=gateways[0].url,
+            initial_reconnect_delay=0.1,
+            max_reconnect_delay=0.5,
+        )
+        clients.append(early)
+        connecting = asyncio.ensure_future(early.connect())
+        refused = await early.connection.wait_for(ConnectionState.DISCONNECTED, timeout=5)
+        assert isinstance(refused.reason, RealtimeError) and refused.reason.code == 50001
 
         nats = start_nats(nats_port)
         started = time.monotonic()
@@ -37,15 +50,14 @@ async def test_gateway_retries_until_nats_is_up() -> None:
         for gateway in gateways:
             wait_ready(gateway.port, timeout=15)
         print(f"ready {time.monotonic() - started:.2f}s after NATS started")
-        clients = [await json_client(g.url) for g in gateways]
-        ack = await clients[0].request("sub", channel="boot")
-        assert ack["t"] == "ack"
-        ack = await clients[1].request("pub", channel="boot", name="n", data=1, messageId="b")
-        assert ack["seq"] == 1
-        assert (await clients[0].receive_until("msg"))["data"] == 1
-        for client in clients:
-            await client.close()
+        await asyncio.wait_for(connecting, 10)
+        late = Realtime(key=APP_KEY, endpoint=gateways[1].url)
+        clients.append(late)
+        messages = await early.channels.get("boot").stream()
+        assert await late.channels.get("boot").publish("n", 1) == 1
+        assert (await messages.get(timeout=5)).data == 1
     finally:
+        await asyncio.gather(*(client.close() for client in clients))
         for gateway in gateways:
             gateway.stop()
         if nats is not None:

@@ -3,10 +3,12 @@ real traffic over NATS (the in-process checks are in tests/unit/test_metrics.py)
 
 from __future__ import annotations
 
+import asyncio
 import urllib.request
 import uuid
 
-from tests.support import Cluster, Service, json_client, metric_value
+from realtime_client import Realtime
+from tests.support import APP_KEY, Cluster, Service, metric_value
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -43,19 +45,17 @@ async def test_a_gateway_and_a_worker_count_real_traffic(cluster: Cluster) -> No
     hist_before = worker_metrics(cluster.worker).get(
         'realtime_history_worker_requests_total{op="hist"}', 0.0
     )
-    subscribers = [await json_client(gateway.url) for _ in range(3)]
-    for subscriber in subscribers:
-        assert (await subscriber.request("sub", channel=channel))["t"] == "ack"
+    # Real traffic from the Python client (binary protocol, as the SDKs speak it).
+    subscribers = [Realtime(key=APP_KEY, endpoint=gateway.url) for _ in range(3)]
+    publisher = Realtime(key=APP_KEY, endpoint=gateway.url)
+    streams = [await subscriber.channels.get(channel).stream() for subscriber in subscribers]
     assert metric_value(gateway, "realtime_subscriptions") >= 3
     assert metric_value(gateway, "realtime_channels") >= 1
-    publisher = await json_client(gateway.url)
-    for index in range(2):
-        ack = await publisher.request("pub", channel=channel, name="n", data=index)
-        assert ack["t"] == "ack"
-    for subscriber in subscribers:
-        for _ in range(2):
-            assert (await subscriber.receive_until("msg"))["channel"] == channel
-    assert (await publisher.request("hist", channel=channel))["t"] == "histRes"
+    for index in range(2):  # awaited one by one: two stored records
+        assert await publisher.channels.get(channel).publish("n", index) > 0
+    for stream in streams:
+        assert [(await stream.get(timeout=5)).data for _ in range(2)] == [0, 1]
+    assert [m.data for m in (await publisher.channels.get(channel).history()).messages] == [0, 1]
 
     after = {name: metric_value(gateway, name) for name in before}
     grew = {name: after[name] - before[name] for name in before}
@@ -76,5 +76,4 @@ async def test_a_gateway_and_a_worker_count_real_traffic(cluster: Cluster) -> No
     assert worker['realtime_history_worker_requests_total{op="hist"}'] >= hist_before + 1
     assert worker["realtime_history_worker_request_seconds_count"] >= 1
     assert worker["realtime_nats_connected"] == 1
-    for client in [*subscribers, publisher]:
-        await client.close()
+    await asyncio.gather(*(client.close() for client in [*subscribers, publisher]))
