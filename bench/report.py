@@ -256,6 +256,23 @@ def write_report(results: dict[str, Any], path: Path, folder: Path) -> None:
             f"of gateway CPU and {median['worker_us_per_client']} us of history-worker CPU per "
             "client.",
         ]
+    client = results.get("client")
+    if client:
+        lines += [
+            "",
+            "## The Python client",
+            "",
+            "One `realtime_client.Realtime` in one process (`bench.client`; the scenarios are "
+            "described in its docstring). CPU is the client process's own.",
+            "",
+            "| scenario | messages/s | client CPU us per message |",
+            "|---|---|---|",
+        ]
+        for name, median in client["median"].items():
+            lines.append(
+                f"| {name.replace('_', ' ')} | {_number(median['rate'])} | "
+                f"{median['cpu_us_per_message']} |"
+            )
     history = results.get("history")
     if history:
         lines += [

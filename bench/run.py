@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench import client as client_bench
 from bench import history as history_bench
 from bench import longpoll as longpoll_bench
 from bench import publish as publish_bench
@@ -461,6 +462,10 @@ def main(argv: list[str] | None = None) -> None:
     print("reconnect storm ...", flush=True)
     results["reconnect"] = reconnect_bench.main(
         ["--clients", "2000" if quick else "10000", "--runs", str(runs)]
+    )
+    print("python client ...", flush=True)
+    results["client"] = client_bench.main(
+        ["--runs", str(runs), *(["--messages", "5000"] if quick else [])]
     )
     print("publish ...", flush=True)
     publish = publish_bench.main(["--seconds", str(seconds), "--runs", str(runs)])
