@@ -65,7 +65,11 @@ class PresenceEngine(Protocol):
     """Presence membership and events for the connections of one gateway."""
 
     async def start(self) -> None:
-        """Run background work (refresh, watch) until cancelled."""
+        """Run background work (heartbeat, watch) until cancelled."""
+
+    async def stop(self) -> None:
+        """Clean shutdown (after the connections closed): let watchers know this gateway's
+        members are gone as soon as none can come back here."""
 
     async def subscribe(self, client: PresenceClient, app: str, channel: str, reason: str) -> None:
         """Start presence events for ``client`` (a snapshot first for an explicit one)."""

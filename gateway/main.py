@@ -150,6 +150,8 @@ async def run_gateway(settings: Settings, stop: asyncio.Event) -> None:
         await asyncio.sleep(0.1)  # let writers flush their close frames
         listener.close()  # no new connections while the open ones are shut down
         await runner.cleanup()
+        # Before NATS goes: delete our heartbeat once no membership can come back here.
+        await services.presence.stop()
         presence.cancel()
         collector.cancel()
         if keys is not None:

@@ -1,9 +1,20 @@
-"""Presence replicated through a JetStream KV bucket (issue 5).
+"""Presence replicated through a JetStream KV bucket (issue 5), with liveness per gateway
+(issue 17).
 
-- Each membership is one key ``<app>.<channel>.<connectionId>`` written with a per-key TTL
-  (``RT_PRESENCE_TTL_S``); the gateway that owns the connection rewrites it every third of the
-  TTL. If the gateway dies, nobody refreshes its keys: they expire, the bucket's limit markers
-  tell every watcher, and watchers see ``leave`` within one TTL (default 20 s).
+- Each membership is one key ``<app>.<channel>.<connectionId>`` whose record names the
+  gateway process that wrote it (its instance id, new at every start). It is written once
+  per enter, update or leave and never refreshed, so idle members cost nothing.
+- Liveness is the gateway's: one heartbeat key ``=gateway.<instance>`` per process, in the
+  same bucket, written with a per-key TTL (``RT_PRESENCE_TTL_S``) every third of it. When
+  it expires (a killed or cut-off gateway; the bucket's limit marker tells every watcher)
+  or is deleted (a clean shutdown), every watcher sends ``leave`` (with the last data) for
+  that gateway's members at once, and keeps their records *parked*: if the heartbeat comes
+  back (a partition healed) they are visible again. One surviving gateway (the one whose
+  instance id sorts first among the live heartbeats) then sweeps the bucket and deletes
+  every record naming a gateway without a heartbeat; it also sweeps when it starts.
+- A gateway whose heartbeat lapsed (its writes failed for a TTL, or it saw its own key go)
+  re-asserts it and then rewrites its members' records: watchers see the leaves its absence
+  implied and the enters of its return, nothing more.
 - Each gateway follows the whole bucket through one ordered consumer (the feed) and keeps
   member sets only for channels a local connection watches or is a member of. A channel's
   set is read once when it is first needed (a batched direct get of its keys, no consumer),
@@ -14,14 +25,18 @@
 - A connection that closes without a clean 1000 close keeps its memberships for
   ``RT_PRESENCE_GRACE_S`` (default 15 s). A reconnect with ``resumeConnectionId`` inside the
   grace takes them over with no leave/enter churn: on this gateway directly, on another one
-  through ``rt.presence.resumed.<app>.<connectionId>``. Past the grace, the keys are deleted
-  and watchers see ``leave``.
+  through ``rt.presence.resumed.<app>.<connectionId>`` (the client's re-enter there rewrites
+  the records naming the new gateway). Past the grace, the keys are deleted and watchers
+  see ``leave``.
+- Records of the earlier layout (no gateway, a per-key TTL refreshed by the gateways of the
+  previous release) stay visible while their key exists, so a rolling upgrade keeps every
+  member visible.
 - Failures heal and are logged (counts, never one line per message). A supervisor restarts
   the feed after a NATS reconnect (a restarted server has lost the feed's in-memory
   consumer, and a dropped link loses what was pushed meanwhile) or when its consumer is
-  gone, rewrites our keys at once, then re-reads every watched channel and tells watchers
-  the difference as ordinary events. A refresh that fails is retried at the next tick, a
-  third of the TTL later, well before the key expires.
+  gone, re-asserts our heartbeat and records at once, re-reads the heartbeats, then
+  re-reads every watched channel and tells watchers the difference as ordinary events. A
+  leave that could not be written is retried with each heartbeat.
 """
 
 from __future__ import annotations
@@ -51,7 +66,16 @@ from realtime_protocol import binary_codec, json_codec
 from realtime_protocol.errors import ErrorCode, ProtocolError
 from realtime_protocol.frames import PresenceAction, PresenceEventFrame, ServerFrame
 from shared.limits import Limit
-from shared.presence import ChannelMembers, MemberRecord, channel_pattern, member_key
+from shared.presence import (
+    HEARTBEAT_PATTERN,
+    ChannelMembers,
+    GatewayLiveness,
+    MemberRecord,
+    channel_pattern,
+    heartbeat_gateway,
+    heartbeat_key,
+    member_key,
+)
 from shared.session import CLOSE_NORMAL, Session
 
 __all__ = ["PresenceClient", "PresenceService", "WatchReason"]
@@ -94,9 +118,15 @@ _FEED_CHECK_FAILURES = 3
 # Waits between failed feed restarts.
 _RESTART_DELAY_MIN_S = 0.2
 _RESTART_DELAY_MAX_S = 5.0
-# Failed writes in a row that end a refresh pass: when the store is unreachable, every
+# Failed writes in a row that end a rewrite pass: when the store is unreachable, every
 # write would wait for its timeout, one after the other.
-_REFRESH_FAILURES_IN_A_ROW = 3
+_REWRITE_FAILURES_IN_A_ROW = 3
+# Deletes a sweep keeps in flight.
+_SWEEP_PARALLEL = 64
+# How long a clean shutdown waits for every record naming it to go (its connections left,
+# or resumed elsewhere and re-entered there: the SDKs reconnect after 1 s) before deleting
+# its heartbeat; past it, the heartbeat is left to expire.
+_STOP_WAIT_S = 3.0
 
 
 class WatchReason:
@@ -137,9 +167,11 @@ class _WatchedChannel:
     snapshot_sequence: int = 0
 
 
-def _member_set(channel: str, changes: list[_Change]) -> tuple[ChannelMembers, int]:
-    """The members a read of a channel's keys shows, and the highest stream sequence it
-    covered."""
+def _member_set(
+    channel: str, changes: list[_Change], liveness: GatewayLiveness
+) -> tuple[ChannelMembers, int]:
+    """The members a read of a channel's keys shows (records of gateways not alive parked),
+    and the highest stream sequence it covered."""
     current = ChannelMembers(channel)
     covered = 0
     for change in changes:
@@ -148,7 +180,8 @@ def _member_set(channel: str, changes: list[_Change]) -> tuple[ChannelMembers, i
             current.remove(change.connection_id, 0)
             continue
         with contextlib.suppress(ValueError):
-            current.put(MemberRecord.decode(change.value))
+            record = MemberRecord.decode(change.value)
+            current.put(record, liveness.is_alive(record.gateway))
     return current, covered
 
 
@@ -163,6 +196,16 @@ class _Change:
 
     sequence: int
     connection_id: str
+    removed: bool
+    value: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _Stored:
+    """The last record of one key, as a read of the bucket returns it."""
+
+    key: str
+    sequence: int
     removed: bool
     value: bytes
 
@@ -199,14 +242,37 @@ class PresenceService:
         self._check_failures = 0
         # Channels each connection watches, so a close touches only those.
         self._watching: dict[PresenceClient, set[str]] = {}
-        # Tells our own resume announcements apart from other gateways'.
+        # This process's id: it names our heartbeat and our member records, and tells our
+        # own resume announcements apart from other gateways'.
         self._instance = uuid.uuid4().hex
+        self._started_ms = _now_ms()
+        # Whose heartbeats are alive (ours included, once the feed echoes it).
+        self._liveness = GatewayLiveness()
+        # When our heartbeat was last written (monotonic), and whether it may have lapsed
+        # since (we saw it go): then our records are rewritten after the next heartbeat.
+        self._last_beat = 0.0
+        self._reassert = False
+        # Set by ``stop``: no more heartbeats, and our heartbeat going is no news.
+        self._stopping = False
+        # Leaves (app, channel, connection id) whose delete failed: retried with every
+        # heartbeat, since nothing else would ever remove those records while we live.
+        self._unwritten_leaves: set[tuple[str, str, str]] = set()
+        self._sweeping = False
+        self._sweep_again = False
+        # Memberships handed over to another gateway by a resume whose records may still
+        # name us (connection id -> app, channels), until the feed shows them rewritten.
+        self._handed_over: dict[str, tuple[str, set[str]]] = {}
+
+    @property
+    def instance(self) -> str:
+        """This gateway process's id, as its heartbeat and member records name it."""
+        return self._instance
 
     # ---- lifecycle ----
 
     async def start(self) -> None:
         """Once NATS is ready: hear about resumes elsewhere, follow the bucket's changes (and
-        keep following them, see ``_supervise``), refresh our keys periodically."""
+        keep following them, see ``_supervise``), write our heartbeat periodically."""
         await self.broker.ready.wait()
         while True:
             try:
@@ -223,9 +289,57 @@ class PresenceService:
             interval = max(0.5, self.settings.presence_ttl_s / 3)
             while True:
                 await asyncio.sleep(interval)
-                await self._refresh_all()
+                if self._stopping:
+                    return
+                if not self._feed_ready.is_set():
+                    continue  # the supervisor writes the first heartbeat
+                if not self.broker.is_ready:
+                    log.warning(
+                        "presence heartbeat skipped, NATS not connected: %d member records "
+                        "are re-asserted once it is back",
+                        sum(len(owned.memberships) for owned in self._owned.values()),
+                    )
+                    continue
+                try:
+                    await self._beat()
+                except Exception as error:
+                    log.warning(
+                        "presence heartbeat not written (%s: %s); retrying in %.1fs",
+                        type(error).__name__,
+                        error,
+                        interval,
+                    )
         finally:
             supervisor.cancel()
+
+    async def stop(self) -> None:
+        """Clean shutdown: no more heartbeats; once no member record names this gateway any
+        more (each connection left, or resumed on another gateway and re-entered there;
+        waiting at most ``_STOP_WAIT_S``), delete the heartbeat so that watchers need not
+        wait for it to expire. Otherwise it is left to expire, within the TTL: members
+        still in their grace leave then, and a client that comes back meanwhile re-enters
+        through another gateway first, with no leave."""
+        self._stopping = True
+        for _ in range(round(_STOP_WAIT_S / 0.05)):
+            if not self._owned and not self._handed_over:
+                break
+            await asyncio.sleep(0.05)
+        if self._owned or self._handed_over:
+            log.info(
+                "presence: %d connections still hold memberships here (%d resumed elsewhere "
+                "but not re-entered yet); they leave when the heartbeat expires (%.0fs) "
+                "unless they re-enter elsewhere first",
+                len(self._owned) + len(self._handed_over),
+                len(self._handed_over),
+                self.settings.presence_ttl_s,
+            )
+            return
+        if not self.broker.is_ready or not self._feed_ready.is_set():
+            return
+        try:
+            await self._kv_request(heartbeat_key(self._instance), b"", self._delete_headers())
+        except Exception as error:
+            log.warning("presence heartbeat not deleted (%s); it expires by itself", error)
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coroutine)
@@ -329,11 +443,17 @@ class PresenceService:
                 await old.unsubscribe()
         self._check_failures = 0
         await self._start_feed()
+        # Our heartbeat before anything else (and, after an outage, our records: the
+        # heartbeat may have expired and a sweep deleted them), so that watchers see no
+        # leave and enter for members that never went. Then who else is alive.
+        await self._beat(rewrite=reason != "start")
+        await self._scan_heartbeats()
+        self._feed_ready.set()
         if reason == "start":
+            if self._is_sweeper():
+                # Records of gateways that died while none was left to sweep them.
+                self._spawn(self._sweep())
             return
-        # Keys that expired while NATS was away come back before the channels are re-read,
-        # so that watchers see no leave and enter for members that never went.
-        await self._refresh_all()
         channels, events = await self._resync_all()
         log.info(
             "presence re-synced %d channels in %.2fs: %d enter, %d update, %d leave",
@@ -367,7 +487,6 @@ class PresenceService:
             inactive_threshold=_FEED_INACTIVE_THRESHOLD_S,
         )
         self._generation += 1
-        self._feed_ready.set()
 
     async def _resync_all(self) -> tuple[int, Counter[PresenceAction]]:
         """Re-read every loaded channel (one at a time: after a server restart every gateway
@@ -386,6 +505,11 @@ class PresenceService:
 
     def _on_change(self, msg: Msg) -> None:
         key = msg.subject[len(self._key_prefix) :]
+        if key[0] == "=":
+            gateway = heartbeat_gateway(key)
+            if gateway is not None:
+                self._on_heartbeat(gateway, msg.metadata.sequence.stream, _is_removal(msg.headers))
+            return
         split = key.rfind(".")
         entry = self._channels.get(key[:split] + ".*")
         if entry is None:
@@ -393,6 +517,10 @@ class PresenceService:
         change = _Change(
             msg.metadata.sequence.stream, key[split + 1 :], _is_removal(msg.headers), msg.data
         )
+        if change.removed:
+            self._restore_if_ours(entry.members.channel, change.connection_id)
+        if change.connection_id in self._handed_over:
+            self._settle_handover(entry.members.channel, change)
         if entry.buffered is not None:
             entry.buffered.append(change)
             return
@@ -400,17 +528,201 @@ class PresenceService:
         if event is not None:
             self._dispatch(entry, event)
 
-    @staticmethod
-    def _apply(entry: _WatchedChannel, change: _Change) -> PresenceEventFrame | None:
+    def _restore_if_ours(self, channel: str, connection_id: str) -> None:
+        """A record of a membership we still hold was deleted, and not by us (our leaves
+        forget the membership first): a sweep that took us for dead (our heartbeat lapsed,
+        or a stale read). Write it again, so that the member is not lost for as long as we
+        live; watchers saw a leave and see an enter."""
+        owned = self._owned.get(connection_id)
+        record = owned.memberships.get(channel) if owned is not None else None
+        if owned is None or record is None or self._stopping:
+            return
+
+        async def restore() -> None:
+            if (
+                self._owned.get(connection_id) is not owned
+                or owned.memberships.get(channel) is not record
+            ):
+                return  # left or moved meanwhile
+            try:
+                await self._write(owned.app, channel, record)
+            except Exception as error:
+                self._reassert = True  # rewritten after the next heartbeat
+                log.warning("presence: a deleted record not restored yet (%s)", error)
+
+        self._spawn(restore())
+
+    def _apply(self, entry: _WatchedChannel, change: _Change) -> PresenceEventFrame | None:
         if change.sequence <= entry.snapshot_sequence:
             return None  # already part of the snapshot
         entry.admitted.discard(change.connection_id)
         if change.removed:
             return entry.members.remove(change.connection_id, _now_ms())
         try:
-            return entry.members.put(MemberRecord.decode(change.value))
+            record = MemberRecord.decode(change.value)
         except ValueError:
             return None
+        return entry.members.put(record, self._liveness.is_alive(record.gateway), _now_ms())
+
+    # ---- gateway liveness ----
+
+    def _on_heartbeat(self, gateway: str, sequence: int, removed: bool) -> None:
+        alive = self._liveness.apply(gateway, sequence, removed)
+        if alive is not None:
+            self._gateway_changed(gateway, alive)
+
+    def _gateway_changed(self, gateway: str, alive: bool) -> None:
+        """A gateway's heartbeat came or went: its members enter or leave on every channel
+        followed here (parked records are kept for its return)."""
+        now = _now_ms()
+        events = channels = 0
+        for entry in list(self._channels.values()):
+            changed = (
+                entry.members.gateway_up(gateway)
+                if alive
+                else entry.members.gateway_down(gateway, now)
+            )
+            if changed:
+                channels += 1
+                events += len(changed)
+                for event in changed:
+                    self._dispatch(entry, event)
+        if alive:
+            if events:
+                log.info(
+                    "presence: gateway %s is back: %d members re-entered on %d channels",
+                    gateway,
+                    events,
+                    channels,
+                )
+            return
+        log.info(
+            "presence: gateway %s%s is gone: %d members left on %d channels",
+            gateway,
+            " (this one)" if gateway == self._instance else "",
+            events,
+            channels,
+        )
+        if gateway == self._instance:
+            if not self._stopping:
+                # Our heartbeat lapsed (writes failed for a TTL, or NATS lost it): watchers
+                # saw our members leave. Come back at once, records included.
+                self._reassert = True
+                self._spawn(self._beat_logged())
+        elif self._is_sweeper():
+            self._spawn(self._sweep())
+
+    def _is_sweeper(self) -> bool:
+        """True when this gateway is the one that deletes dead gateways' records: the
+        first live heartbeat by instance id (every gateway agrees once the feed settles,
+        and two sweeping at once only repeat each other's deletes)."""
+        alive = self._liveness.alive
+        return bool(alive) and min(alive) == self._instance
+
+    async def _beat(self, rewrite: bool = False) -> None:
+        """Write our heartbeat; then our member records if it may have lapsed since the
+        last one (or ``rewrite``), and the leaves that could not be written before."""
+        ttl = self._ttl_seconds()
+        value = orjson.dumps({"gateway": self._instance, "started": self._started_ms})
+        await self._kv_request(heartbeat_key(self._instance), value, {"Nats-TTL": f"{ttl}s"})
+        now = time.monotonic()
+        lapsed = self._reassert or now - self._last_beat >= ttl
+        self._last_beat = now
+        if lapsed or rewrite:
+            self._reassert = False
+            await self._rewrite_all()
+        if self._unwritten_leaves:
+            await self._retry_leaves()
+
+    async def _beat_logged(self) -> None:
+        try:
+            await self._beat()
+        except Exception as error:
+            # The next tick tries again (``_reassert`` stays set).
+            log.warning("presence heartbeat not re-asserted (%s); retrying at the next tick", error)
+
+    async def _scan_heartbeats(self) -> None:
+        """Read every heartbeat key and bring our view of who is alive up to date (after a
+        start or an outage, when the feed's history is not enough)."""
+        found = {}
+        for stored in await self._read(HEARTBEAT_PATTERN):
+            gateway = heartbeat_gateway(stored.key)
+            if gateway is not None and not stored.removed:
+                found[gateway] = stored.sequence
+        for gateway, alive in self._liveness.reconcile(found):
+            self._gateway_changed(gateway, alive)
+
+    async def _sweep(self) -> None:
+        """Delete every member record that names a gateway without a heartbeat (one pass
+        over the bucket; a gateway loss during it asks for another)."""
+        if self._sweeping:
+            self._sweep_again = True
+            return
+        self._sweeping = True
+        try:
+            again = True
+            while again:
+                self._sweep_again = False
+                await self._sweep_once()
+                again = self._sweep_again
+        except Exception as error:
+            log.warning(
+                "presence sweep failed (%s: %s); the next gateway loss or start sweeps again",
+                type(error).__name__,
+                error,
+            )
+        finally:
+            self._sweeping = False
+
+    async def _sweep_once(self) -> None:
+        started = time.monotonic()
+        stored = await self._read(">")
+        # One pass in stream order: a heartbeat rewritten during the read moves ahead of
+        # the cursor and is still read, so every gateway alive throughout is seen; one
+        # that starts meanwhile writes its heartbeat before any record.
+        alive = set()
+        for item in stored:
+            gateway = heartbeat_gateway(item.key)
+            if gateway is not None and not item.removed:
+                alive.add(gateway)
+        stale = []
+        for item in stored:
+            if item.removed or item.key[0] == "=":
+                continue
+            with contextlib.suppress(ValueError):
+                gateway = MemberRecord.decode(item.value).gateway
+                # Dead by the read and by our feed (which follows the stream leader in
+                # order; a direct get may be answered by a replica that lags behind).
+                if gateway and gateway not in alive and not self._liveness.is_alive(gateway):
+                    stale.append(item)
+        if not stale:
+            return
+        deleted = changed = 0
+        for first in range(0, len(stale), _SWEEP_PARALLEL):
+            results = await asyncio.gather(
+                *(
+                    # Only if the record is still the one read: a gateway coming back may
+                    # have rewritten it meanwhile.
+                    self._kv_request(item.key, b"", self._delete_headers(item.sequence))
+                    for item in stale[first : first + _SWEEP_PARALLEL]
+                ),
+                return_exceptions=True,
+            )
+            for result in results:
+                if isinstance(result, ProtocolError) and "sequence" in result.message:
+                    changed += 1
+                elif isinstance(result, BaseException):
+                    raise result
+                else:
+                    deleted += 1
+        log.info(
+            "presence sweep: %d records of gone gateways deleted (%d rewritten meanwhile, "
+            "kept) in %.2fs, %d keys read",
+            deleted,
+            changed,
+            time.monotonic() - started,
+            len(stored),
+        )
 
     async def _watched(self, app: str, channel: str) -> _WatchedChannel:
         pattern = channel_pattern(app, channel)
@@ -466,7 +778,7 @@ class PresenceService:
             # The entry stays as it was; what the feed delivered meanwhile is applied live.
             self._flush(entry)
             raise
-        current, covered = _member_set(entry.members.channel, changes)
+        current, covered = _member_set(entry.members.channel, changes, self._liveness)
         now = _now_ms()
         events: list[PresenceEventFrame | None] = [
             entry.members.remove(connection_id, now)
@@ -476,6 +788,9 @@ class PresenceService:
         for record in current.members.values():
             entry.admitted.discard(record.connection_id)
             events.append(entry.members.put(record))
+        for connection_id in current.parked:
+            entry.admitted.discard(connection_id)
+        entry.members.parked = current.parked
         entry.snapshot_sequence = covered
         sent = [event for event in events if event is not None]
         for event in sent:
@@ -494,12 +809,20 @@ class PresenceService:
         return sent
 
     async def _read_members(self, pattern: str) -> list[_Change]:
+        """Every retained record of the member keys matching ``pattern``, oldest first."""
+        return [
+            _Change(item.sequence, item.key.rsplit(".", 1)[-1], item.removed, item.value)
+            for item in await self._read(pattern)
+        ]
+
+    async def _read(self, pattern: str) -> list[_Stored]:
         """Every retained record of the keys matching ``pattern`` (the bucket keeps one per
         key), oldest first, paged through batched direct gets."""
         nc = self.broker.client()
         stream = f"KV_{self.settings.presence_bucket}"
-        subject = f"{self._key_prefix}{pattern}"
-        changes: list[_Change] = []
+        prefix = f"$KV.{self.settings.presence_bucket}."
+        subject = f"{prefix}{pattern}"
+        found: list[_Stored] = []
         sequence = 1
         while True:
             page = await direct_batch(
@@ -510,17 +833,16 @@ class PresenceService:
             )
             for msg in page.messages:
                 headers = msg.headers or {}
-                key = headers.get("Nats-Subject", "")
-                changes.append(
-                    _Change(
+                found.append(
+                    _Stored(
+                        headers.get("Nats-Subject", "")[len(prefix) :],
                         int(headers.get("Nats-Sequence", 0)),
-                        key.rsplit(".", 1)[-1],
                         _is_removal(headers),
                         msg.data,
                     )
                 )
             if not page.pending or not page.messages:
-                return changes
+                return found
             sequence = page.last_sequence + 1
 
     def _dispatch(self, entry: _WatchedChannel, event: PresenceEventFrame) -> None:
@@ -566,7 +888,7 @@ class PresenceService:
         entry = self._channels.get(pattern)
         if entry is not None and _loaded(entry):
             return list(entry.members.members.values())
-        current, _ = _member_set(channel, await self._read_members(pattern))
+        current, _ = _member_set(channel, await self._read_members(pattern), self._liveness)
         return list(current.members.values())
 
     def unsubscribe(
@@ -623,8 +945,11 @@ class PresenceService:
                 )
             entry.admitted.add(connection_id)
             entry.references += 1
-        record = MemberRecord(identity.client_id, connection_id, data, encoding, _now_ms())
+        record = MemberRecord(
+            identity.client_id, connection_id, data, encoding, _now_ms(), self._instance
+        )
         owned.memberships[channel] = record
+        self._unwritten_leaves.discard((identity.app, channel, connection_id))
         try:
             await self._write(identity.app, channel, record)
         except ProtocolError:
@@ -653,8 +978,23 @@ class PresenceService:
         del owned.memberships[channel]
         try:
             await self._delete(owned.app, channel, connection_id)
+        except Exception:
+            # Nothing else removes a record while its gateway lives: retried with the
+            # heartbeats until it is written.
+            self._unwritten_leaves.add((owned.app, channel, connection_id))
+            raise
         finally:
             self._unreference(owned.app, channel)
+
+    async def _retry_leaves(self) -> None:
+        for app, channel, connection_id in list(self._unwritten_leaves):
+            owned = self._owned.get(connection_id)
+            if owned is None or channel not in owned.memberships:  # not re-entered meanwhile
+                try:
+                    await self._delete(app, channel, connection_id)
+                except Exception:
+                    return  # the next heartbeat tries again
+            self._unwritten_leaves.discard((app, channel, connection_id))
 
     def _unreference(self, app: str, channel: str) -> None:
         entry = self._channels.get(channel_pattern(app, channel))
@@ -698,9 +1038,9 @@ class PresenceService:
         last_error: Exception | None = None
         for channel in channels:
             if failed and not self.broker.is_ready:
-                # NATS is away: don't wait for a timeout per channel. Nobody refreshes these
-                # keys any more, so they expire and watchers see the leave within the TTL.
+                # NATS is away: don't wait for a timeout per channel; the heartbeats retry.
                 del owned.memberships[channel]
+                self._unwritten_leaves.add((owned.app, channel, connection_id))
                 self._unreference(owned.app, channel)
                 failed += 1
                 continue
@@ -711,11 +1051,10 @@ class PresenceService:
                 last_error = error
         if failed:
             log.warning(
-                "presence: %d of %d leaves not written (%s); those keys expire within %.0fs",
+                "presence: %d of %d leaves not written (%s); retried with each heartbeat",
                 failed,
                 len(channels),
                 last_error,
-                self.settings.presence_ttl_s,
             )
 
     def resumed(self, connection: PresenceClient) -> None:
@@ -742,7 +1081,7 @@ class PresenceService:
             )
         except Exception as error:
             # Only the hand-over is lost: the old gateway deletes the keys when its grace
-            # ends and our refresh writes them again, a leave and an enter for watchers.
+            # ends and the client's re-enter here writes them again, a leave and an enter.
             log.warning("presence: resume not announced (%s)", error)
 
     async def _on_resumed_elsewhere(self, msg: Msg) -> None:
@@ -767,30 +1106,79 @@ class PresenceService:
                 stale.close(CLOSE_NORMAL, "resumed on another gateway")
             if owned.leave_timer is not None:
                 owned.leave_timer.cancel()
-            # The keys stay; the new gateway refreshes them once the client re-enters.
+            # The records stay; the client's re-enter on the new gateway rewrites them
+            # naming that gateway. Until the feed shows that, they still name us: the
+            # channels stay followed (their references kept) and our heartbeat must not be
+            # deleted (``stop``). Those never re-entered go after the grace.
             del self._owned[connection_id]
-            for channel in owned.memberships:
-                self._unreference(owned.app, channel)
+            previous = self._handed_over.get(connection_id)
+            channels = set(owned.memberships)
+            if previous is not None:
+                for channel in channels & previous[1]:
+                    self._unreference(owned.app, channel)  # already held once
+                channels |= previous[1]
+            self._handed_over[connection_id] = (owned.app, channels)
+            self._spawn(self._release_unclaimed(owned.app, connection_id))
+
+    def _settle_handover(self, channel: str, change: _Change) -> None:
+        """The feed shows a handed-over record rewritten by another gateway (or deleted):
+        it no longer names us."""
+        app, channels = self._handed_over[change.connection_id]
+        if channel not in channels:
+            return
+        if not change.removed:
+            try:
+                if MemberRecord.decode(change.value).gateway == self._instance:
+                    return
+            except ValueError:
+                return
+        channels.discard(channel)
+        if not channels:
+            del self._handed_over[change.connection_id]
+        self._unreference(app, channel)
+
+    async def _release_unclaimed(self, app: str, connection_id: str) -> None:
+        """After a resume elsewhere, delete the records the client did not re-enter there
+        within the grace (they still name this gateway, which would keep them forever)."""
+        await asyncio.sleep(max(1.0, self.settings.presence_grace_s))
+        handed = self._handed_over.pop(connection_id, None)
+        if handed is None:
+            return  # all re-entered elsewhere (or released by an earlier hand-over's task)
+        channels = handed[1]
+        for channel in channels:
+            self._unreference(app, channel)
+        released = 0
+        try:
+            for channel in channels:
+                owned = self._owned.get(connection_id)
+                if owned is not None and channel in owned.memberships:
+                    continue  # resumed back here
+                for item in await self._read(member_key(app, channel, connection_id)):
+                    if item.removed:
+                        continue
+                    with contextlib.suppress(ValueError):
+                        if MemberRecord.decode(item.value).gateway == self._instance:
+                            await self._kv_request(
+                                item.key, b"", self._delete_headers(item.sequence)
+                            )
+                            released += 1
+        except Exception as error:
+            log.warning("presence: records of a resumed connection not released (%s)", error)
+        if released:
+            log.info("presence: %d memberships not re-entered after a resume elsewhere", released)
 
     # ---- KV writes ----
 
-    async def _refresh_all(self) -> None:
-        """Rewrite every member key this gateway keeps alive. A key not rewritten now is
-        tried again at the next tick, a third of the TTL later, before it can expire; and
-        after a NATS restart the supervisor calls this at once."""
+    async def _rewrite_all(self) -> None:
+        """Rewrite every member record this gateway holds: after our heartbeat lapsed or NATS
+        came back, a sweep may have deleted them. Watchers see nothing for a record that is
+        still there. Records not rewritten now are tried again after the next heartbeat."""
         keys = [
             (owned, channel, record)
             for owned in self._owned.values()
             for channel, record in owned.memberships.items()
         ]
         if not keys:
-            return
-        if not self.broker.is_ready:
-            log.warning(
-                "presence refresh skipped, NATS not connected: %d member keys wait for the "
-                "next tick",
-                len(keys),
-            )
             return
         failed = untried = in_a_row = 0
         last_error: Exception | None = None
@@ -808,32 +1196,37 @@ class PresenceService:
                 in_a_row += 1
                 last_error = error
                 # Unreachable store: each write would wait for its timeout; try next tick.
-                if in_a_row >= _REFRESH_FAILURES_IN_A_ROW or not self.broker.is_ready:
+                if in_a_row >= _REWRITE_FAILURES_IN_A_ROW or not self.broker.is_ready:
                     untried = len(keys) - index - 1
                     break
         if failed:
+            self._reassert = True
             log.warning(
-                "presence refresh: %d of %d member keys not rewritten (%s), %d not tried; "
-                "retrying at the next tick",
+                "presence: %d of %d member records not rewritten (%s), %d not tried; "
+                "retrying after the next heartbeat",
                 failed,
                 len(keys),
                 last_error,
                 untried,
             )
 
+    def _ttl_seconds(self) -> int:
+        return max(1, round(self.settings.presence_ttl_s))
+
     async def _write(self, app: str, channel: str, record: MemberRecord) -> None:
-        ttl = max(1, round(self.settings.presence_ttl_s))
-        await self._kv_request(
-            member_key(app, channel, record.connection_id), record.encode(), {"Nats-TTL": f"{ttl}s"}
-        )
+        # No TTL: the record lives until a leave, or until its gateway's heartbeat goes.
+        await self._kv_request(member_key(app, channel, record.connection_id), record.encode(), {})
+
+    def _delete_headers(self, expected_sequence: int = 0) -> dict[str, str]:
+        # The delete marker expires, so departed members leave nothing behind. With an
+        # expected sequence the delete happens only if the key was not written since.
+        headers = {"KV-Operation": "DEL", "Nats-TTL": f"{self._ttl_seconds()}s"}
+        if expected_sequence:
+            headers["Nats-Expected-Last-Subject-Sequence"] = str(expected_sequence)
+        return headers
 
     async def _delete(self, app: str, channel: str, connection_id: str) -> None:
-        # The delete marker expires too, so departed members leave nothing behind.
-        headers = {
-            "KV-Operation": "DEL",
-            "Nats-TTL": f"{max(1, round(self.settings.presence_ttl_s))}s",
-        }
-        await self._kv_request(member_key(app, channel, connection_id), b"", headers)
+        await self._kv_request(member_key(app, channel, connection_id), b"", self._delete_headers())
 
     async def _kv_request(self, key: str, value: bytes, headers: dict[str, str]) -> None:
         requests = self.broker.request_mux()

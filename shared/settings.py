@@ -235,7 +235,11 @@ class Settings:
     )
     presence_ttl_s: float = field(
         default=20.0,
-        metadata=_env("RT_PRESENCE_TTL_S", "member keys expire this long after their gateway dies"),
+        metadata=_env(
+            "RT_PRESENCE_TTL_S",
+            "a gateway's presence heartbeat lasts this long (rewritten every third of it); "
+            "its members leave within it after the gateway dies",
+        ),
     )
     presence_grace_s: float = field(
         default=15.0,

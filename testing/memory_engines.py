@@ -156,6 +156,10 @@ class MemoryPresence:
     async def start(self) -> None:
         """Nothing runs in the background."""
 
+    async def stop(self) -> None:
+        """Nothing to announce: this presence lives and dies with the process (its members
+        have no gateway liveness to lose)."""
+
     def _channel(self, app: str, channel: str) -> _Channel:
         return self._channels.setdefault((app, channel), _Channel(ChannelMembers(channel)))
 

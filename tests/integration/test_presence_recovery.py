@@ -1,7 +1,7 @@
 """Presence recovers from a lost feed consumer and from nats-server restarts (issue 10,
 item 8): watchers keep seeing every enter and leave, including the leaves of a gateway
-that died while NATS was down, and members whose keys expired during a long outage come
-back.
+that died while NATS was down, and members whose gateway's heartbeat expired during a long
+outage come back.
 
 The tests share one cluster and run in file order: the restart tests kill gateway c."""
 
@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import nats
+import orjson
 import pytest
 
 from realtime.dev import find_nats_server
@@ -156,17 +157,23 @@ async def delete_feed_consumers(url: str) -> int:
         await client.close()
 
 
-async def wait_for_rewrite(url: str, channel: str, client_id: str) -> None:
-    """Return right after the next write of ``client_id``'s key in ``channel`` (a refresh),
-    so that the key has a whole TTL ahead of it."""
+async def wait_for_heartbeat(url: str, channel: str, client_id: str) -> None:
+    """Return right after the next heartbeat of the gateway holding ``client_id``'s
+    membership of ``channel``, so that the heartbeat has a whole TTL ahead of it."""
     client = await nats.connect(url)
     try:
         token = channel.replace(":", "=")
-        subscription = await client.subscribe(f"$KV.{BUCKET}.*.{token}.*")
-        while True:
-            msg = await subscription.next_msg(timeout=TTL_S)
-            if f'"clientId":"{client_id}"'.encode() in msg.data:
-                return
+        kv = await client.jetstream().key_value(BUCKET)
+        gateway = ""
+        for key in await kv.keys():
+            if f".{token}." not in key:
+                continue
+            record = orjson.loads((await kv.get(key)).value or b"{}")
+            if record.get("clientId") == client_id:
+                gateway = record["gateway"]
+        assert gateway, f"no record of {client_id} in {channel}"
+        subscription = await client.subscribe(f"$KV.{BUCKET}.=gateway.{gateway}")
+        await subscription.next_msg(timeout=TTL_S)
     finally:
         await client.close()
 
@@ -205,11 +212,11 @@ async def test_presence_survives_a_nats_server_restart(cluster: PresenceCluster)
     await watcher.wait_for(("enter", "doomed", "d"), timeout=3)
     before = len(watcher.events)
 
-    # Right after a refresh of the stayer's key, so that a short outage cannot expire it.
-    await wait_for_rewrite(cluster.server.url, channel, "stayer")
+    # Right after a heartbeat of the stayer's gateway, so that a short outage cannot expire it.
+    await wait_for_heartbeat(cluster.server.url, channel, "stayer")
     cluster.stop_nats()
-    # The doomed member's gateway dies while NATS is down: nobody will delete its key, it
-    # has to expire, and the watcher has to hear of that.
+    # The doomed member's gateway dies while NATS is down: nobody will delete its heartbeat,
+    # it has to expire, and the watcher has to hear of that.
     os.kill(cluster.c.process.pid, signal.SIGKILL)
     await asyncio.sleep(0.5)
     await asyncio.to_thread(cluster.start_nats_again)
@@ -255,13 +262,14 @@ async def test_keys_that_expired_during_a_long_outage_come_back(cluster: Presenc
     await asyncio.to_thread(cluster.start_nats_again)
     for gateway in (cluster.a, cluster.b):
         await asyncio.to_thread(wait_ready, gateway.port)
-    # Gateway b rewrites its keys on reconnect. Depending on who is first, the watcher sees
-    # nothing, or the expiry and the rewrite; never a member that silently vanished.
+    # Gateway b re-asserts its heartbeat and records on reconnect. Depending on who is
+    # first, the watcher sees nothing, or the expiry and the return; never a member that
+    # silently vanished.
     await watcher.quiet(TTL_S)
     assert watcher.events[before:] in ([], [("leave", "stayer", "s"), ("enter", "stayer", "s")])
     late = await Watcher.start(cluster.a.url, channel)
     assert late.events == [("enter", "stayer", "s")]
-    # The failed refreshes were logged (once per tick at most, never per key).
-    assert "presence refresh skipped, NATS not connected" in cluster.b.log()
+    # The failed heartbeats were logged (once per tick at most, never per member).
+    assert "presence heartbeat skipped, NATS not connected" in cluster.b.log()
     for client in (stayer, watcher.client, late.client):
         await client.close()
