@@ -108,19 +108,12 @@ class _Fence:
     publishes it sent after that one may already be on their way; stored, they would
     overtake the failed one, whose resend then lands after them (issue 14: failing what is
     queued behind is not enough, a publish arriving a moment later was stored first). So
-    the client's publishes on the channel are held back until it has resent, in order,
-    every publish that failed, or ``_FENCE_S`` after the last failure, so that a client
-    that never resends (the SDK rejects the publish instead) is not refused for long.
+    the client's later publishes on the channel are refused too, until it has resent every
+    publish that failed (a resend, same messageId, passes), or ``_FENCE_S`` after the last
+    failure, so that a client that never resends (the SDK rejects the publish instead) is
+    not refused for long."""
 
-    ``failed`` keeps the failed publishes in the order they failed, each marked once its
-    resend passed (it is then queued in the channel's queue, so whatever passes after it
-    is stored after it, or fails with it). A resend passes only when every publish that
-    failed before it has passed; a new publish only when all have. A resend that fails
-    again keeps its place: found by the fault suite, where a resend of the first failed
-    publish was refused (NATS not ready yet) and the resends of later ones, arriving a
-    moment after NATS was back, passed and were stored first."""
-
-    failed: dict[str, bool]  # dedup id -> its resend passed (in the order they failed)
+    failed: set[str]
     until: float
 
 
@@ -267,15 +260,13 @@ class Broker:
             queue = self._queues[subject] = _ChannelQueue()
             queue.draining = True
             try:
-                serial = await self._store(subject, payload, message_dedup_id)
+                return await self._store(subject, payload, message_dedup_id)
             except BaseException:
                 self._fence(subject, message.client_id, message_dedup_id)
                 self._fail_behind(subject, queue)
                 raise
             finally:
                 self._hand_off(subject, queue)
-            self._settle(subject, message.client_id, message_dedup_id)
-            return serial
         pending = _Pending(
             payload,
             message_dedup_id,
@@ -286,9 +277,7 @@ class Broker:
         if not queue.draining:
             queue.draining = True
             self._hand_off(subject, queue)
-        serial = await pending.serial
-        self._settle(subject, message.client_id, message_dedup_id)
-        return serial
+        return await pending.serial
 
     def _hand_off(self, subject: str, queue: _ChannelQueue) -> None:
         """Give what queued up meanwhile to a drain task, or retire the idle queue."""
@@ -491,14 +480,13 @@ class Broker:
             if len(self._fences) >= _FENCES_PRUNED_ABOVE:
                 for stale in [k for k, f in self._fences.items() if f.until <= now]:
                     del self._fences[stale]
-            fence = self._fences[key] = _Fence({}, 0.0)
-        # A new failure goes last; one that failed before keeps its place.
-        fence.failed[message_dedup_id] = False
+            fence = self._fences[key] = _Fence(set(), 0.0)
+        fence.failed.add(message_dedup_id)
         fence.until = now + _FENCE_S
 
     def _fenced(self, subject: str, client_id: str, message_dedup_id: str) -> bool:
         """True when this publish must be refused: its client has publishes on ``subject``
-        that failed before it and were not resent yet."""
+        that failed and were not resent yet (a resend of one of them passes)."""
         key = (subject, client_id)
         fence = self._fences.get(key)
         if fence is None:
@@ -506,23 +494,12 @@ class Broker:
         if fence.until <= asyncio.get_running_loop().time():
             del self._fences[key]
             return False
-        for failed, passed in fence.failed.items():
-            if failed == message_dedup_id:
-                fence.failed[failed] = True  # a value, not the size: safe while iterating
-                return False
-            if not passed:
-                return True
-        return False  # a new publish, and every failed one is queued ahead of it
-
-    def _settle(self, subject: str, client_id: str, message_dedup_id: str) -> None:
-        """``message_dedup_id`` is stored: it no longer holds anything back."""
-        key = (subject, client_id)
-        fence = self._fences.get(key)
-        if fence is None:
-            return
-        fence.failed.pop(message_dedup_id, None)
+        if message_dedup_id not in fence.failed:
+            return True
+        fence.failed.discard(message_dedup_id)
         if not fence.failed:
             del self._fences[key]
+        return False
 
     def _fail_behind(self, subject: str, queue: _ChannelQueue) -> None:
         """A store failed (a NATS node died, the stream was unavailable): fail everything
@@ -531,10 +508,8 @@ class Broker:
         resent by the client in order (docs/GUARANTEES.md, per-connection order)."""
         while queue.waiting:
             pending = queue.waiting.popleft()
-            # Fenced even when its connection is gone (its future cancelled): not stored,
-            # it must not count as on its way when the client comes back and resends.
-            self._fence(subject, pending.client_id, pending.dedup_id)
             if not pending.serial.done():
+                self._fence(subject, pending.client_id, pending.dedup_id)
                 pending.serial.set_exception(
                     ProtocolError(
                         ErrorCode.SERVER,

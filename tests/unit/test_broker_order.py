@@ -38,19 +38,6 @@ class ScriptedBroker(Broker):
         self.stored.append(message_id)
         return len(self.stored)
 
-    async def _store_batch(self, subject: str, group: list[Any]) -> list[int]:
-        # One atomic batch, as JetStream stores it: all of it, or none.
-        if self.gate is not None:
-            await self.gate.wait()
-        message_ids = [pending.dedup_id.rsplit("\x1f", 1)[-1] for pending in group]
-        if self.failing.intersection(message_ids):
-            raise ProtocolError(ErrorCode.SERVER, "batch not stored")
-        serials = []
-        for message_id in message_ids:
-            self.stored.append(message_id)
-            serials.append(len(self.stored))
-        return serials
-
 
 def message(message_id: str, client_id: str = "alice", channel: str = "room") -> Message:
     return Message(channel, "n", b"1", message_id, client_id, 0)
@@ -120,78 +107,3 @@ async def test_nats_not_ready_is_a_failure_like_any_other() -> None:
     with pytest.raises(ProtocolError, match="resend it first"):
         await broker.publish("app", message("m2"))
     assert await broker.publish("app", message("m1")) == 1
-
-
-async def test_a_later_resend_waits_for_an_earlier_one_refused_again() -> None:
-    """Found by the fault suite (NATS unreachable): m1 and m2 failed; the client resent both
-    at once; m1's resend was refused (NATS not ready yet) and m2's, a moment later with NATS
-    back, must not pass: stored, it would overtake m1."""
-    broker = ScriptedBroker()
-    broker.failing.add("m1")
-    broker.gate = asyncio.Event()
-    first = asyncio.create_task(broker.publish("app", message("m1")))
-    await asyncio.sleep(0)
-    queued = asyncio.create_task(broker.publish("app", message("m2")))
-    await asyncio.sleep(0)
-    broker.gate.set()
-    for task in (first, queued):
-        with pytest.raises(ProtocolError):
-            await task
-    broker.gate = None
-    broker.failing.clear()
-
-    def not_ready() -> Any:
-        raise ProtocolError(ErrorCode.BOOTSTRAP, "message backend not ready, retry later")
-
-    broker.client = not_ready  # type: ignore[method-assign]
-    with pytest.raises(ProtocolError, match="not ready"):
-        await broker.publish("app", message("m1"))
-    del broker.client  # NATS is back
-    with pytest.raises(ProtocolError, match="resend it first"):
-        await broker.publish("app", message("m2"))
-    assert broker.stored == []
-    # Resent in order again: both pass, m1 first.
-    assert await broker.publish("app", message("m1")) == 1
-    assert await broker.publish("app", message("m2")) == 2
-    assert await broker.publish("app", message("m3")) == 3
-    assert broker.stored == ["m1", "m2", "m3"]
-
-
-async def test_resends_in_one_burst_pass_together_behind_each_other() -> None:
-    """A client resending everything at once is not held back one publish per round trip:
-    a resend passes once the ones that failed before it have passed (they are queued ahead
-    of it), and if the first fails again, those behind it fail with it."""
-    broker = ScriptedBroker()
-    broker.failing.update({"m1"})
-    broker.gate = asyncio.Event()
-    tasks = []
-    for message_id in ("m1", "m2", "m3"):
-        tasks.append(asyncio.create_task(broker.publish("app", message(message_id))))
-        await asyncio.sleep(0)
-    broker.gate.set()
-    for task in tasks:
-        with pytest.raises(ProtocolError):
-            await task
-    # The burst of resends, m1 still failing: all three are taken in, and all three fail.
-    broker.gate = asyncio.Event()
-    tasks = []
-    for message_id in ("m1", "m2", "m3"):
-        tasks.append(asyncio.create_task(broker.publish("app", message(message_id))))
-        await asyncio.sleep(0)
-    broker.gate.set()
-    for task in tasks:
-        with pytest.raises(ProtocolError) as refused:
-            await task
-        assert "resend it first" not in refused.value.message
-    assert broker.stored == []
-    # The same burst once m1 can be stored: all stored, in order.
-    broker.failing.clear()
-    broker.gate = asyncio.Event()
-    tasks = []
-    for message_id in ("m1", "m2", "m3"):
-        tasks.append(asyncio.create_task(broker.publish("app", message(message_id))))
-        await asyncio.sleep(0)
-    broker.gate.set()
-    assert [await task for task in tasks] == [1, 2, 3]
-    assert broker.stored == ["m1", "m2", "m3"]
-    assert not broker._fences
