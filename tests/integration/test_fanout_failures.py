@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import nats
 import pytest
@@ -44,6 +46,26 @@ class _Subscriber:
         self.received.append(delivery)
 
 
+def stop_process(pid: int) -> None:
+    """SIGSTOP ``pid`` and return once every one of its threads is stopped: ``kill`` returns
+    before a busy multi-threaded process has stopped, and nats-server could still answer
+    the PING written right after it (the test then saw no timeout, in two CI runs)."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 5
+    tasks = Path(f"/proc/{pid}/task")
+    while time.monotonic() < deadline:
+        states = []
+        for task in tasks.iterdir():
+            try:
+                states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+            except FileNotFoundError:
+                continue  # a thread that just ended
+        if states and all(state in ("T", "t") for state in states):
+            return
+        time.sleep(0.001)
+    raise TimeoutError(f"process {pid} did not stop")
+
+
 async def test_a_subscribe_whose_flush_timed_out_leaves_no_live_subscription() -> None:
     server = start_nats()
     try:
@@ -52,7 +74,7 @@ async def test_a_subscribe_whose_flush_timed_out_leaves_no_live_subscription() -
         router = ChannelRouter(_Broker(connection))  # type: ignore[arg-type]
         refused = _Subscriber()
         # A stalled server (a long GC pause): the SUB is written but the flush times out.
-        os.kill(server.pid, signal.SIGSTOP)
+        stop_process(server.pid)
         try:
             with pytest.raises(nats.errors.TimeoutError):
                 await router.add("app1", "stalled", refused)
