@@ -14,7 +14,7 @@ import contextlib
 import functools
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -710,18 +710,7 @@ class Presence(EventEmitter[str, PresenceMessage]):
         members = sorted(
             self._members.values(), key=lambda member: (member.client_id, member.connection_id)
         )
-        return [
-            PresenceMessage(
-                "present",
-                member.channel,
-                member.client_id,
-                member.connection_id,
-                member.data,
-                member.timestamp,
-                member.encoding,
-            )
-            for member in members
-        ]
+        return [replace(member, action="present") for member in members]
 
     async def subscribe(
         self, listener: PresenceListener, action: str | None = None
@@ -787,17 +776,7 @@ class Presence(EventEmitter[str, PresenceMessage]):
         self._synced.set()
         for connection_id, member in previous.items():
             if connection_id not in self._members:
-                self._emit_event(
-                    PresenceMessage(
-                        "leave",
-                        member.channel,
-                        member.client_id,
-                        member.connection_id,
-                        member.data,
-                        member.timestamp,
-                        member.encoding,
-                    )
-                )
+                self._emit_event(replace(member, action="leave"))
 
     def _listener_removed(self) -> None:
         if self._watching and not self.has_listeners and not self._tracking:
