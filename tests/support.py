@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,11 +192,17 @@ class BinaryClient:
         await self.socket.close()
 
 
-async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+async def pipe(
+    source: asyncio.StreamReader,
+    sink: asyncio.StreamWriter,
+    dropping: Callable[[], bool] | None = None,
+) -> None:
     """Copy ``source`` into ``sink`` until either end goes away, then close ``sink``: one
-    direction of a loopback proxy."""
+    direction of a loopback proxy. While ``dropping()`` is true, what arrives is dropped."""
     try:
         while data := await source.read(65536):
+            if dropping is not None and dropping():
+                continue
             sink.write(data)
             await sink.drain()
     except (ConnectionError, OSError):
@@ -207,11 +213,14 @@ async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None
 
 class TcpProxy:
     """A loopback TCP proxy whose live connections can be cut (both directions dropped at
-    once, as when a network path dies), while new connections keep working."""
+    once, as when a network path dies), while new connections keep working. With ``hold``
+    set, what the server sends is dropped while the client's bytes still reach it, as when
+    a path dies one way first."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.port = 0
+        self.hold = False
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
 
@@ -229,7 +238,9 @@ class TcpProxy:
             "127.0.0.1", self.target_port
         )
         self._writers.update((writer, upstream_writer))
-        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+        await asyncio.gather(
+            pipe(reader, upstream_writer), pipe(upstream_reader, writer, lambda: self.hold)
+        )
 
     def cut(self) -> None:
         for writer in self._writers:

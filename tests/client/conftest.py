@@ -50,44 +50,10 @@ async def make_client(cluster: Cluster) -> AsyncIterator[ClientFactory]:
     await asyncio.gather(*(client.close() for client in clients), return_exceptions=True)
 
 
-class HoldingProxy(TcpProxy):
-    """A ``TcpProxy`` that can also hold back what the server sends (``hold = True``): the
-    client's frames still reach the server, its acks do not reach the client, as when a
-    network path dies one way first."""
-
-    def __init__(self, target_port: int) -> None:
-        super().__init__(target_port)
-        self.hold = False
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        upstream_reader, upstream_writer = await asyncio.open_connection(
-            "127.0.0.1", self.target_port
-        )
-        self._writers.update((writer, upstream_writer))
-        await asyncio.gather(
-            self._forward(reader, upstream_writer, held=False),
-            self._forward(upstream_reader, writer, held=True),
-        )
-
-    async def _forward(
-        self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, held: bool
-    ) -> None:
-        try:
-            while data := await source.read(65536):
-                if held and self.hold:
-                    continue  # dropped: this connection is about to be cut anyway
-                sink.write(data)
-                await sink.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            sink.close()
-
-
 @pytest.fixture
-async def proxy(cluster: Cluster) -> AsyncIterator[HoldingProxy]:
+async def proxy(cluster: Cluster) -> AsyncIterator[TcpProxy]:
     """A cuttable proxy in front of gateway A."""
-    running = HoldingProxy(cluster.a.port)
+    running = TcpProxy(cluster.a.port)
     await running.start()
     yield running
     await running.close()

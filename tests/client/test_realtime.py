@@ -25,8 +25,8 @@ from realtime_client import (
     generate_random_key,
 )
 from realtime_client.realtime import BatchSpec
-from tests.client.conftest import ClientFactory, HoldingProxy, channel_name, until
-from tests.support import APP_KEY, Cluster
+from tests.client.conftest import ClientFactory, channel_name, until
+from tests.support import APP_KEY, Cluster, TcpProxy
 
 
 async def test_publish_and_subscribe_across_gateways(
@@ -125,9 +125,7 @@ async def test_presence_enter_update_leave_get_and_subscribe(
     assert await presence.get() == []
 
 
-async def test_resume_across_a_cut_connection(
-    proxy: HoldingProxy, make_client: ClientFactory
-) -> None:
+async def test_resume_across_a_cut_connection(proxy: TcpProxy, make_client: ClientFactory) -> None:
     name = channel_name()
     subscriber = make_client(endpoint=proxy.url, client_id="resumer")
     publisher = make_client()
@@ -173,7 +171,7 @@ async def test_resume_across_a_cut_connection(
 
 
 async def test_publishes_in_flight_are_resent_exactly_once(
-    cluster: Cluster, proxy: HoldingProxy, make_client: ClientFactory
+    cluster: Cluster, proxy: TcpProxy, make_client: ClientFactory
 ) -> None:
     name = channel_name()
     client = make_client(endpoint=proxy.url, client_id="once")
